@@ -180,6 +180,12 @@ class GPT(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        # Fresh states in the current grad mode: states left by an earlier run under inference_mode (e.g.
+        # trainer.validate before trainer.fit) cannot be updated in place under no_grad.
+        self.val_loss.reset()
+        self.val_bpb.reset()
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, weight = self.loss(batch), batch[1].numel()
         self.val_loss.update(loss, weight=weight)

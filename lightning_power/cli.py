@@ -1,0 +1,98 @@
+"""The ``lightning-power`` command: a LightningCLI (fit / validate / test) plus the project's own tools.
+
+Two LightningCLI traps are fixed here:
+
+- a scheduler chosen under ``lr_scheduler:`` steps once per **optimizer step** (LightningCLI's default is per epoch);
+- the optimizer chosen under ``optimizer:`` is built inside ``configure_optimizers``, i.e. **after** the strategy has
+  wrapped and sharded the model. LightningCLI builds it at start-up, so under ``ModelParallelStrategy`` (FSDP2) it would
+  hold stale, pre-sharding parameters and train nothing.
+
+Usage::
+
+    lightning-power fit --config examples/configs/gpt_demo.yaml
+    lightning-power coord-check --help
+    lightning-power sparsity-overlap --help
+    lightning-power recommend --help
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from types import MethodType
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.cli import LightningCLI, ReduceLROnPlateau, instantiate_class
+
+# Commands that are not Trainer entry points: name -> "module:function" taking argv and returning an exit code.
+TOOLS: dict[str, str] = {
+    "coord-check": "lightning_power.mup.coord_check:main",
+    "sparsity-overlap": "lightning_power.sparsity.overlap:main",
+    "recommend": "lightning_power.recommend:main",
+}
+
+
+def configure_optimizers_from_config(
+    lightning_module: pl.LightningModule, optimizer_init: dict[str, Any], lr_scheduler_init: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Build the configured optimizer over the module's *current* parameters, and step its scheduler per step."""
+    optimizer = instantiate_class(lightning_module.parameters(), optimizer_init)
+    if lr_scheduler_init is None:
+        return {"optimizer": optimizer}
+    scheduler = instantiate_class(optimizer, lr_scheduler_init)
+    if isinstance(scheduler, ReduceLROnPlateau):  # it needs a metric, so it stays on the validation cadence
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": scheduler.monitor}}
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class LightningPowerCLI(LightningCLI):
+    """LightningCLI whose YAML optimizer is built lazily and whose YAML scheduler steps per optimizer step.
+
+    It also adds a ``LearningRateMonitor`` (per step) whenever the trainer has a logger, and lets a rerun overwrite
+    the saved ``config.yaml``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, **kwargs)
+
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        optimizer_init = self._get(self.config_init, "optimizer")
+        if not self.auto_configure_optimizers or not optimizer_init:
+            return
+        lr_scheduler_init = self._get(self.config_init, "lr_scheduler")
+
+        def configure_optimizers(lightning_module: pl.LightningModule) -> dict[str, Any]:
+            return configure_optimizers_from_config(lightning_module, optimizer_init, lr_scheduler_init)
+
+        self.model.configure_optimizers = MethodType(configure_optimizers, self.model)
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        has_monitor = any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks)
+        if trainer.loggers and not has_monitor:
+            trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
+        return trainer
+
+
+def _load_tool(target: str) -> Callable[[list[str]], int]:
+    module_name, function_name = target.split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lightning-power`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:
+        return _load_tool(TOOLS[argv[0]])(argv[1:])
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"tools (each has --help): {', '.join(TOOLS)}\n")
+    LightningPowerCLI(args=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

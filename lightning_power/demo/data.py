@@ -1,0 +1,212 @@
+"""A byte corpus: fixed-length windows of raw bytes from real text, with an exactly resumable train order.
+
+By default the corpus is the Python standard library's own ``.py`` sources (``sysconfig.get_paths()["stdlib"]``,
+without ``site-packages`` and ``dist-packages``): every machine with Python has it, it needs no download, and it is
+real text. Any text file or folder can replace it.
+
+Example::
+
+    >>> from lightning_power.demo import ByteCorpus
+    >>> corpus = ByteCorpus(context_length=64, batch_size=8, max_bytes=200_000)
+    >>> corpus.setup("fit")
+    >>> inputs, targets = next(iter(corpus.train_dataloader()))
+    >>> inputs.shape, targets.shape
+    (torch.Size([8, 64]), torch.Size([8, 64]))
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+
+
+def stdlib_source_files() -> list[Path]:
+    """The standard library's ``.py`` files in sorted order, without installed third-party packages."""
+    return [p for p in text_files(Path(sysconfig.get_paths()["stdlib"])) if p.suffix == ".py"]
+
+
+def text_files(path: Path) -> list[Path]:
+    """All regular files under ``path`` (or ``path`` itself), sorted; binary files are skipped when read."""
+    if path.is_file():
+        return [path]
+    found = []
+    for folder, subfolders, names in os.walk(path):
+        subfolders[:] = [d for d in subfolders if d not in EXCLUDED_DIRS]  # prune, do not walk site-packages
+        found.extend(Path(folder, name) for name in names)
+    return sorted(found)
+
+
+def read_split(files: list[Path], budget: int, seed: int) -> bytes:
+    """Concatenate text files, visited in a seeded order, until ``budget`` bytes are read.
+
+    The seeded order spreads a small budget over the whole corpus instead of its alphabetically first files. Files
+    that contain a NUL byte are taken as binary and skipped.
+    """
+    order = list(files)
+    random.Random(seed).shuffle(order)
+    chunks, total = [], 0
+    for file in order:
+        if total >= budget:
+            break
+        data = file.read_bytes()
+        if not data or b"\x00" in data:
+            continue
+        chunks.append(data[: budget - total])
+        total += len(chunks[-1])
+    return b"\n".join(chunks)
+
+
+class ByteWindows(Dataset):
+    """Non-overlapping windows of ``context_length + 1`` bytes; item ``i`` is ``(bytes[iT : iT+T], bytes[iT+1 : iT+T+1])``."""
+
+    def __init__(self, data: bytes, context_length: int) -> None:
+        self.data = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
+        self.context_length = context_length
+
+    def __len__(self) -> int:
+        return max(0, (len(self.data) - 1) // self.context_length)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = index * self.context_length
+        window = self.data[start : start + self.context_length + 1].long()
+        return window[:-1], window[1:]
+
+
+class ResumableShuffleSampler(DistributedSampler):
+    """A seeded shuffle per epoch, split across ranks, that can start mid-epoch at an exact sample.
+
+    Rank ``r`` of ``W`` takes positions ``r, r + W, r + 2W, ...`` of the epoch's permutation, so the union of one step's
+    per-rank batches is the same global batch a single process would draw. ``skip`` samples (per rank) are left out
+    at the start of the epoch given to :meth:`resume_at`; other epochs are whole.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self._resume_epoch, self._skip = -1, 0
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        self._resume_epoch, self._skip = epoch, skip
+
+    def _start(self) -> int:
+        return self._skip if self.epoch == self._resume_epoch else 0
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        permutation = torch.randperm(len(self.dataset), generator=generator)[: self.total_size]
+        return iter(permutation[self.rank :: self.num_replicas][self._start() :].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples - self._start()
+
+
+class ByteCorpus(pl.LightningDataModule):
+    """Fixed-length byte windows from real text, split by file into train and validation.
+
+    Args:
+        path: a text file or a folder of text files. ``None`` uses the Python standard library's ``.py`` sources.
+        context_length: bytes per training sequence (the model's context); tokens per batch is
+            ``batch_size * context_length`` per process.
+        batch_size: sequences per batch on each process.
+        max_bytes: training bytes to read at start-up (a few MB serve; the whole stdlib is ~30 MB).
+        max_val_bytes: validation bytes to read.
+        val_every: every ``val_every``-th file (in sorted order) is held out for validation. A single file is split
+            by position instead: its last ``1/val_every`` is held out.
+        seed: seeds the file order and the per-epoch shuffle.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        context_length: int = 128,
+        batch_size: int = 32,
+        max_bytes: int = 4_000_000,
+        max_val_bytes: int = 262_144,
+        val_every: int = 20,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if context_length < 2:
+            raise ValueError(f"context_length must be >= 2 (one input and one target byte), got {context_length}")
+        for name, value in {"batch_size": batch_size, "max_bytes": max_bytes, "max_val_bytes": max_val_bytes}.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if val_every < 2:
+            raise ValueError(f"val_every must be >= 2, got {val_every}")
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"path {path!r} does not exist; give a text file, a folder of text files, or None")
+        self.save_hyperparameters()
+        self.path = None if path is None else Path(path)
+        self.context_length, self.batch_size = context_length, batch_size
+        self.train_set: ByteWindows | None = None
+        self.val_set: ByteWindows | None = None
+        self._resume: dict[str, int] = {}
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """Tokens (bytes) in one batch on one process."""
+        return self.batch_size * self.context_length
+
+    def setup(self, stage: str) -> None:
+        if self.train_set is not None:
+            return
+        hp = self.hparams
+        files = stdlib_source_files() if self.path is None else text_files(self.path)
+        if len(files) == 1:
+            data = read_split(files, hp.max_bytes + hp.max_val_bytes, hp.seed)
+            cut = len(data) - min(hp.max_val_bytes, len(data) // hp.val_every)
+            train, val = data[:cut], data[cut:]
+        else:
+            train = read_split([f for i, f in enumerate(files) if i % hp.val_every], hp.max_bytes, hp.seed)
+            val = read_split(files[:: hp.val_every], hp.max_val_bytes, hp.seed)
+        self.train_set, self.val_set = ByteWindows(train, self.context_length), ByteWindows(val, self.context_length)
+        where = "the Python standard library" if self.path is None else str(self.path)
+        if len(self.train_set) < self.batch_size or len(self.val_set) == 0:
+            raise ValueError(
+                f"path: {where} holds too little text ({len(train)} train and {len(val)} validation bytes) for "
+                f"batch_size={self.batch_size} windows of context_length={self.context_length}; give a text file "
+                "or folder with more text"
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = ResumableShuffleSampler(self.train_set, world_size, rank, self.hparams.seed)
+        if self._resume:
+            sampler.resume_at(self._resume["epoch"], self._resume["batches"] * self.batch_size)
+        return self._loader(self.train_set, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, None)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, None)
+
+    def _loader(self, dataset: Dataset, sampler: DistributedSampler | None) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=sampler is not None,
+            num_workers=workers, persistent_workers=workers > 0,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the train order stands: the epoch and the batches this process has consumed in it."""
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches": progress.processed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = dict(state_dict)
+

@@ -1,0 +1,72 @@
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_power.cli import main
+from tests.helpers.jobs import CONFIGS, read_metrics
+from tests.helpers.tiny import tiny_cli_args
+
+DEMO = str(CONFIGS / "gpt_demo.yaml")
+
+
+class RecordLR(pl.Callback):
+    """Records the LR each optimizer step actually uses and the parameters the optimizer holds."""
+
+    lrs: list[float] = []
+    optimizer_params_are_module_params: list[bool] = []
+
+    def on_fit_start(self, trainer, pl_module):
+        type(self).lrs = []
+        held = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        type(self).optimizer_params_are_module_params = [held == {id(p) for p in pl_module.parameters()}]
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        type(self).lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def test_print_config_parses_the_demo_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", DEMO, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: lightning_power.demo.GPT" in printed
+    assert "class_path: lightning_power.demo.ByteCorpus" in printed
+    assert "class_path: torch.optim.AdamW" in printed
+
+
+def test_short_fit_logs_validation_bpb_and_writes_a_checkpoint(tmp_path):
+    main(["fit", "--config", DEMO, *tiny_cli_args(max_steps=6), "--trainer.callbacks+=ModelCheckpoint",
+          "--trainer.callbacks.save_last=true"])
+    metrics = read_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
+    val_loss, val_bpb = metrics["val/loss"][-1][1], metrics["val/bpb"][-1][1]
+    assert val_bpb == pytest.approx(val_loss / math.log(2), rel=1e-5)
+    assert 0 < val_bpb < 8.5  # a uniform guess over 256 bytes is exactly 8 bits
+    assert len(metrics["lr-AdamW"]) == 6  # the LearningRateMonitor the CLI adds, once per step
+    assert list((tmp_path / "csv" / "version_0" / "checkpoints").glob("*.ckpt"))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_yaml_scheduler_steps_once_per_optimizer_step(accumulate):
+    # LinearLR from 0.25x to 1x over 4 steps: the LR of optimizer step k is lr * (0.25 + 0.75 * min(k, 4) / 4).
+    main(["fit", "--config", DEMO, *tiny_cli_args(max_steps=6), "--trainer.logger=false",
+          f"--trainer.accumulate_grad_batches={accumulate}", "--optimizer.lr=0.01",
+          "--lr_scheduler=torch.optim.lr_scheduler.LinearLR", "--lr_scheduler.start_factor=0.25",
+          "--lr_scheduler.total_iters=4", "--trainer.callbacks+=tests.test_cli.RecordLR"])
+    expected = [0.01 * (0.25 + 0.75 * min(k, 4) / 4) for k in range(6)]
+    assert RecordLR.lrs == pytest.approx(expected, rel=1e-12)
+
+
+def test_yaml_optimizer_is_built_over_the_parameters_the_trainer_trains():
+    main(["fit", "--config", DEMO, *tiny_cli_args(max_steps=1), "--trainer.logger=false",
+          "--trainer.callbacks+=tests.test_cli.RecordLR"])
+    assert RecordLR.optimizer_params_are_module_params == [True]
+
+
+def test_help_lists_the_tools(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for tool in ("coord-check", "sparsity-overlap", "recommend"):
+        assert tool in out

@@ -1,0 +1,85 @@
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_power.demo import ByteCorpus
+from lightning_power.demo.data import ByteWindows, ResumableShuffleSampler, stdlib_source_files
+from tests.helpers.tiny import TINY_DATA
+
+
+def _first_batches(corpus, n=3):
+    iterator = iter(corpus.train_dataloader())
+    return [next(iterator) for _ in range(n)]
+
+
+def test_default_corpus_is_the_stdlib_without_site_packages():
+    files = stdlib_source_files()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    assert files == sorted(files) and len(files) > 100
+    assert all(f.suffix == ".py" and stdlib in f.parents for f in files)
+    assert not any("site-packages" in f.parts or "dist-packages" in f.parts for f in files)
+
+
+def test_corpus_is_deterministic():
+    a, b = ByteCorpus(**TINY_DATA), ByteCorpus(**TINY_DATA)
+    a.setup("fit"), b.setup("fit")
+    assert torch.equal(a.train_set.data, b.train_set.data) and torch.equal(a.val_set.data, b.val_set.data)
+    for (xa, ya), (xb, yb) in zip(_first_batches(a), _first_batches(b)):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    x, y = _first_batches(a, 1)[0]
+    assert x.shape == (8, 16) and torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one byte
+
+
+def test_split_is_by_file(tmp_path):
+    for i in range(10):
+        (tmp_path / f"f{i}.txt").write_text(f"file number {i} " * 50)
+    corpus = ByteCorpus(str(tmp_path), context_length=8, batch_size=2, val_every=5)
+    corpus.setup("fit")
+    train, val = bytes(corpus.train_set.data.tolist()), bytes(corpus.val_set.data.tolist())
+    for i in range(10):
+        held_out = i % 5 == 0
+        assert (f"file number {i} ".encode() in val) == held_out
+        assert (f"file number {i} ".encode() in train) != held_out
+
+
+def test_single_file_is_split_by_position_and_binary_files_are_skipped(tmp_path):
+    text = tmp_path / "book.txt"
+    text.write_bytes(bytes(range(32, 127)) * 40)
+    corpus = ByteCorpus(str(text), context_length=8, batch_size=2, val_every=10)
+    corpus.setup("fit")
+    assert len(corpus.train_set.data) + len(corpus.val_set.data) == 95 * 40
+    assert len(corpus.val_set.data) == 95 * 40 // 10
+
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01" * 500)
+    (tmp_path / "notes.txt").write_bytes(b"plain text " * 100)
+    folder = ByteCorpus(str(tmp_path), context_length=8, batch_size=2, val_every=2)
+    folder.setup("fit")
+    assert 0 not in folder.train_set.data.tolist() and 0 not in folder.val_set.data.tolist()
+
+
+def test_bad_corpus_paths(tmp_path):
+    with pytest.raises(ValueError, match="path .* does not exist"):
+        ByteCorpus(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds too little text"):
+        ByteCorpus(str(tmp_path / "empty")).setup("fit")
+    with pytest.raises(ValueError, match="context_length must be >= 2"):
+        ByteCorpus(context_length=1)
+
+
+def test_ranks_split_each_global_batch_and_resume_at_the_exact_sample():
+    dataset = ByteWindows(bytes(range(256)) * 8, context_length=4)
+    single = list(ResumableShuffleSampler(dataset, num_replicas=1, rank=0, seed=3))
+    per_rank = [list(ResumableShuffleSampler(dataset, num_replicas=2, rank=r, seed=3)) for r in (0, 1)]
+    batch = 4  # global batch 8 = 2 ranks x 4
+    for step in range(len(per_rank[0]) // batch):
+        union = sorted(per_rank[0][step * batch : (step + 1) * batch] + per_rank[1][step * batch : (step + 1) * batch])
+        assert union == sorted(single[step * 2 * batch : (step + 1) * 2 * batch])
+
+    resumed = ResumableShuffleSampler(dataset, num_replicas=1, rank=0, seed=3)
+    resumed.resume_at(epoch=0, skip=10)
+    assert list(resumed) == single[10:] and len(resumed) == len(single) - 10
+    resumed.set_epoch(1)  # later epochs are whole again
+    assert len(list(resumed)) == len(single)
