@@ -1,0 +1,51 @@
+"""Kill a real training job with SIGKILL and resume it from its last checkpoint: nothing may differ."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers.callbacks import final_weights, read_records
+from tests.helpers.jobs import CONFIGS, job_env, run_cli
+from tests.helpers.tiny import tiny_cli_args
+
+
+def _fit_args(records, extra=()):
+    return [
+        "fit", "--config", str(CONFIGS / "gpt_demo.yaml"), *tiny_cli_args(max_steps=8), "--trainer.logger=false",
+        "--trainer.val_check_interval=100", "--trainer.limit_val_batches=0",
+        "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath=ckpt",
+        "--trainer.callbacks.every_n_train_steps=4", "--trainer.callbacks.save_top_k=-1",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks+=tests.helpers.callbacks.RecordSteps", f"--trainer.callbacks.path={records}",
+        *extra,
+    ]
+
+
+@pytest.mark.distributed
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    run_cli(_fit_args("steps.jsonl"), tmp_path / "a")
+
+    killed = subprocess.run(
+        [sys.executable, "-m", "lightning_power.cli",
+         *_fit_args("steps.jsonl", ["--trainer.callbacks+=tests.helpers.callbacks.KillAtStep",
+                                    "--trainer.callbacks.step=6"])],
+        cwd=tmp_path / "b", env=job_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert max(read_records(tmp_path / "b" / "steps.jsonl")) == 6
+    run_cli(_fit_args("steps.jsonl", ["--ckpt_path=ckpt/last.ckpt"]), tmp_path / "b")
+
+    uninterrupted, resumed = read_records(tmp_path / "a" / "steps.jsonl"), read_records(tmp_path / "b" / "steps.jsonl")
+    assert sorted(resumed) == sorted(uninterrupted) == list(range(1, 9))
+    for step in uninterrupted:
+        assert resumed[step]["first_bytes"] == uninterrupted[step]["first_bytes"], f"data differs at step {step}"
+        assert resumed[step]["lrs"] == uninterrupted[step]["lrs"]
+        assert resumed[step]["loss"] == uninterrupted[step]["loss"], f"loss differs at step {step}"
+    weights_a = final_weights(tmp_path / "a" / "ckpt" / "last.ckpt")
+    weights_b = final_weights(tmp_path / "b" / "ckpt" / "last.ckpt")
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), name
