@@ -85,12 +85,12 @@ def _load_tool(target: str) -> Callable[[list[str]], int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lightning-power`` console script."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in TOOLS:
-        return _load_tool(TOOLS[argv[0]])(argv[1:])
-    if argv and argv[0] in ("-h", "--help"):
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words and words[0] in TOOLS:
+        return _load_tool(TOOLS[words[0]])(words[1:])
+    if words and words[0] in ("-h", "--help"):
         print(f"tools (each has --help): {', '.join(TOOLS)}\n")
-    LightningPowerCLI(args=argv)
+    LightningPowerCLI(args=argv)  # None: LightningCLI reads sys.argv itself
     return 0
 
 

@@ -201,6 +201,19 @@ class GPT(pl.LightningModule):
         hp = self.hparams
         return torch.optim.AdamW(self.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by global norm under every strategy; FSDP1 needs its own ``clip_grad_norm_`` (sharded gradients)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            if isinstance(self.trainer.model, FullyShardedDataParallel):
+                self.trainer.model.clip_grad_norm_(gradient_clip_val)
+                return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_model(self) -> None:
         """Shard each block, then the root, when the trainer uses ``ModelParallelStrategy`` (FSDP2)."""
         mesh = getattr(self, "device_mesh", None)

@@ -1,0 +1,100 @@
+"""Drop-in subclasses of Lightning's sharded strategies whose sharded checkpoints are written atomically.
+
+Lightning writes a sharded (distributed) checkpoint straight into its final folder, so a job killed during the save
+of ``last.ckpt`` leaves new shards beside old metadata: a checkpoint that may load and be wrong. These subclasses
+write into ``<path>.partial`` and swap it into place only once every rank has finished. A single-file checkpoint is
+already atomic in Lightning (written through an fsspec transaction, a temporary file then a rename).
+
+``FSDPStrategy`` here also runs on CPU (gloo), which Lightning 2.6 refuses (it passes ``device_id=None`` to FSDP).
+
+YAML::
+
+    trainer:
+      strategy:
+        class_path: lightning_power.strategies.ModelParallelStrategy
+        init_args: {data_parallel_size: auto, tensor_parallel_size: 1}
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import strategies
+from lightning.pytorch.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
+from torch import nn
+
+
+class _AtomicShardedSave:
+    """Mixin: stage a sharded checkpoint in ``<path>.partial``, then swap it in on rank 0 after a barrier."""
+
+    def _saves_sharded(self) -> bool:
+        raise NotImplementedError
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if not self._saves_sharded():
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(filepath))
+        staging = path.with_name(path.name + ".partial")
+        if self.global_rank == 0:
+            _remove(staging)
+        self.barrier("lightning_power.checkpoint.staging_clean")
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier("lightning_power.checkpoint.staged")
+        if self.global_rank == 0:
+            replace_path(staging, path)
+        self.barrier("lightning_power.checkpoint.swapped")
+
+
+def replace_path(new: Path, target: Path) -> None:
+    """Put ``new`` (a file or folder) at ``target``; the old ``target`` is moved aside first and removed last.
+
+    At every instant ``target`` is either the complete old checkpoint, absent, or the complete new one.
+    """
+    old = target.with_name(target.name + ".old")
+    _remove(old)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+class ModelParallelStrategy(_AtomicShardedSave, strategies.ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` (FSDP2 / tensor parallel) with atomic sharded checkpoints."""
+
+    def _saves_sharded(self) -> bool:
+        return self._save_distributed_checkpoint
+
+
+class FSDPStrategy(_AtomicShardedSave, strategies.FSDPStrategy):
+    """Lightning's ``FSDPStrategy`` (FSDP1) with atomic sharded checkpoints, usable on CPU (gloo) as well."""
+
+    def _saves_sharded(self) -> bool:
+        return self._state_dict_type == "sharded"
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        if self.root_device.type != "cpu":
+            return super()._setup_model(model)
+        # Lightning passes device_id=root_device.index, which is None on CPU, and torch's FSDP then refuses to run.
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )
+        _move_torchmetrics_to_device(wrapped, self.root_device)
+        _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
+        return wrapped
