@@ -99,8 +99,8 @@ def power_lr(
     def eta_power(tokens: float) -> float:  # Eq. 7
         if tokens == 0:  # the limit of beta * a * n^b as n -> 0+ is +inf, so the cap binds; never evaluate 0^b
             return lr_max
-        # in log space, so that a tiny n with a steep b cannot overflow
-        return min(lr_max, math.exp(math.log(beta * a) + b * math.log(tokens)))
+        log_lr = math.log(beta * a) + b * math.log(tokens)  # in log space: a tiny n with a steep b cannot overflow
+        return lr_max if log_lr >= math.log(lr_max) else min(lr_max, math.exp(log_lr))
 
     decay_start = math.inf if total_tokens is None else total_tokens - decay_tokens
     if n > decay_start:
@@ -180,7 +180,9 @@ def check_min_lr_ratio(min_lr_ratio: float) -> None:
         raise ValueError(f"min_lr_ratio must be in [0, 1), got {min_lr_ratio!r}")
 
 
-def _check_phases(warmup_name: str, warmup: float, decay_name: str, decay: float, total_name: str, total: float) -> None:
+def _check_phases(
+    warmup_name: str, warmup: float, decay_name: str, decay: float, total_name: str, total: float
+) -> None:
     check_non_negative(warmup_name, warmup)
     check_non_negative(decay_name, decay)
     check_positive(total_name, total)

@@ -177,7 +177,7 @@ class GPT(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global-batch mean under DDP/FSDP
         return loss
 
     def on_validation_epoch_start(self) -> None:

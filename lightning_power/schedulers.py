@@ -1,0 +1,282 @@
+"""Power and WSD learning-rate schedulers: torch ``LRScheduler`` subclasses, closed form in their counters.
+
+The LR of param group i is ``base_lrs[i] * factor(counters)``. It never chains on the previous LR, so per-group ratios
+(muP) survive, a resume is exact and a decay can branch from any checkpoint. ``base_lrs`` (and ``_last_lr``) are the
+only per-group state.
+
+Counting convention: the LR used by optimizer step k (0-based) is the schedule at the units consumed *including* that
+step's batch: ``(k + 1) * tokens_per_step`` tokens, or ``k + 1`` steps. So the first update is never at LR 0.
+
+On resume (``load_state_dict``) the checkpoint gives the counters: ``last_epoch`` (optimizer steps taken),
+``tokens_counted``/``steps_counted`` and ``batch_tokens`` (the last measured batch, used only without
+``tokens_per_step``). The current config gives everything else: the initial LRs, ``a``, ``b``, ``lr_max``,
+``tokens_per_step``, warmup, decay, total, ``decay_shape``, ``min_lr_ratio``, ``reference_sequence_length`` and
+``units``. So new decay settings at resume branch a decay from the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from typing_extensions import override
+
+from lightning_power.schedules import (
+    check_positive,
+    check_power_args,
+    check_wsd_args,
+    power_lr,
+    wsd_factor,
+)
+
+_COUNTERS = ("last_epoch", "_step_count", "tokens_counted", "steps_counted", "batch_tokens")
+
+
+class TokenScheduler(LRScheduler):
+    """Base of the schedulers that can run on tokens: a closed-form ``factor()`` of the counters times ``base_lrs``.
+
+    Token counters: ``tokens_counted`` is the number of tokens consumed by the first ``steps_counted`` optimizer
+    steps; every later step is assumed to consume ``batch_tokens`` (the fixed ``tokens_per_step``, or the last batch
+    a :class:`~lightning_power.tokens.TokenCounter` measured), until :meth:`set_step_tokens` reports the real count.
+    """
+
+    def __init__(self, optimizer: Optimizer, *, tokens_per_step: int | None, last_epoch: int) -> None:
+        if tokens_per_step is not None:
+            check_positive("tokens_per_step", tokens_per_step)
+        for i, group in enumerate(optimizer.param_groups):
+            if isinstance(group["lr"], torch.Tensor):
+                raise TypeError(f"{type(self).__name__} needs float learning rates, param group {i} has a Tensor lr")
+        self.tokens_per_step = tokens_per_step
+        self.tokens_counted = 0
+        self.steps_counted = 0
+        self.batch_tokens = tokens_per_step
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self) -> float:
+        """The LR multiplier of every param group for optimizer step ``last_epoch``."""
+        raise NotImplementedError
+
+    @override
+    def get_lr(self) -> list[float]:
+        factor = self.factor()
+        return [base_lr * factor for base_lr in self.base_lrs]
+
+    def tokens_through_current_step(self) -> int | None:
+        """Tokens consumed by optimizer steps 0 .. ``last_epoch`` inclusive; ``None`` before any batch is known."""
+        if self.batch_tokens is None:
+            if self.last_epoch > self.steps_counted:
+                raise ValueError(
+                    f"{type(self).__name__} counts tokens but nothing reports them: pass tokens_per_step=<tokens per "
+                    "optimizer step, all ranks and gradient accumulation included>, or add "
+                    "lightning_power.TokenCounter() to the Trainer callbacks"
+                )
+            return None
+        return self.tokens_counted + (self.last_epoch - self.steps_counted + 1) * self.batch_tokens
+
+    def set_step_tokens(self, tokens: int) -> None:
+        """Report the tokens of the coming optimizer step (step ``last_epoch``) and apply its LR to the optimizer.
+
+        :class:`~lightning_power.tokens.TokenCounter` calls this before each ``optimizer.step()``. Later steps are
+        assumed to consume the same number until the next report.
+        """
+        tokens = int(tokens)
+        check_positive("tokens", tokens)
+        self._bank_uncounted_steps()
+        self.batch_tokens = tokens
+        self._apply_lr()
+
+    def _apply_lr(self) -> None:
+        """Write the LRs of step ``last_epoch`` into the optimizer, as ``step()`` does, without advancing."""
+        values = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, values, strict=True):
+            group["lr"] = lr
+        self._last_lr = values
+
+    def _bank_uncounted_steps(self) -> None:
+        """Fold the completed steps that used ``batch_tokens`` into ``tokens_counted``."""
+        if self.batch_tokens is not None:
+            self.tokens_counted += (self.last_epoch - self.steps_counted) * self.batch_tokens
+            self.steps_counted = self.last_epoch
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the counters only; the settings and initial LRs stay those of the current config.
+
+        So a run resumed with new ``total``/``decay`` settings branches a decay from the checkpoint, and a new
+        ``tokens_per_step`` applies from the checkpoint on (the tokens already consumed are kept).
+        """
+        missing = [key for key in _COUNTERS if key not in state_dict]
+        if missing:
+            raise KeyError(f"{type(self).__name__} state_dict lacks {missing}; was it saved by another scheduler?")
+        for key in _COUNTERS:
+            setattr(self, key, state_dict[key])
+        self._bank_uncounted_steps()
+        if self.tokens_per_step is not None:
+            self.batch_tokens = self.tokens_per_step
+        self._apply_lr()
+
+
+class PowerScheduler(TokenScheduler):
+    """The Power scheduler (arXiv 2408.13359, Eq. 7-8): LR = min(lr_max, beta * a * n^b), n in tokens.
+
+    The LR of each param group is its initial LR times ``power_lr(n) / lr_max``, see
+    :func:`~lightning_power.schedules.power_lr`. beta (the batch in 4096-token sequences) comes from
+    ``tokens_per_step``, or from the live batch when a :class:`~lightning_power.tokens.TokenCounter` feeds the
+    scheduler, which then also counts n in real tokens. Without ``total_tokens`` there is no decay and no horizon.
+
+    Must be stepped once per optimizer step (Lightning: ``"interval": "step"``).
+
+    Args:
+        optimizer: the wrapped optimizer.
+        a: amplitude (paper default 4).
+        b: exponent, < 0 (paper default -0.51).
+        lr_max: the LR cap. Defaults to the largest initial LR of the optimizer's param groups.
+        tokens_per_step: tokens per optimizer step over all ranks and accumulated micro-batches. Leave it out when a
+            ``TokenCounter`` measures them.
+        warmup_tokens: linear warmup up to the power-law value at ``warmup_tokens``.
+        decay_tokens: length of the final decay, which ends at ``total_tokens``.
+        total_tokens: the horizon; ``None`` (default) means no decay.
+        decay_shape: ``"exponential"`` (paper), ``"linear"``, ``"cosine"`` or ``"1-sqrt"``.
+        min_lr_ratio: the floor, as a fraction of the LR where the decay starts, in [0, 1).
+        reference_sequence_length: the sequence length beta is counted in (4096 in the paper).
+        last_epoch: optimizer steps already taken; leave at -1 (Lightning restores the state on resume).
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_power.schedulers import PowerScheduler
+        >>> optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=0.02)
+        >>> batch = 1024 * 4096  # tokens per optimizer step
+        >>> scheduler = PowerScheduler(optimizer, tokens_per_step=batch, warmup_tokens=100 * batch)
+        >>> round(optimizer.param_groups[0]["lr"], 8)  # step 0: 1/100 of the way up to min(0.02, 4096 * n^-0.51)
+        0.0002
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        a: float = 4.0,
+        b: float = -0.51,
+        lr_max: float | None = None,
+        tokens_per_step: int | None = None,
+        warmup_tokens: int = 0,
+        decay_tokens: int = 0,
+        total_tokens: int | None = None,
+        decay_shape: Literal["exponential", "linear", "cosine", "1-sqrt"] = "exponential",
+        min_lr_ratio: float = 0.0,
+        reference_sequence_length: int = 4096,
+        last_epoch: int = -1,
+    ) -> None:
+        if lr_max is None:
+            lr_max = max(group.get("initial_lr", group["lr"]) for group in optimizer.param_groups)
+        check_power_args(
+            a=a,
+            b=b,
+            lr_max=lr_max,
+            warmup_tokens=warmup_tokens,
+            decay_tokens=decay_tokens,
+            total_tokens=total_tokens,
+            decay_shape=decay_shape,
+            min_lr_ratio=min_lr_ratio,
+            reference_sequence_length=reference_sequence_length,
+        )
+        self.a, self.b, self.lr_max = a, b, lr_max
+        self.warmup_tokens, self.decay_tokens, self.total_tokens = warmup_tokens, decay_tokens, total_tokens
+        self.decay_shape, self.min_lr_ratio = decay_shape, min_lr_ratio
+        self.reference_sequence_length = reference_sequence_length
+        super().__init__(optimizer, tokens_per_step=tokens_per_step, last_epoch=last_epoch)
+
+    @override
+    def factor(self) -> float:
+        """``power_lr(n) / lr_max``; 0 until the first batch's tokens are known."""
+        n = self.tokens_through_current_step()
+        if n is None:
+            return 0.0
+        lr = power_lr(
+            n,
+            batch_tokens=self.batch_tokens,
+            a=self.a,
+            b=self.b,
+            lr_max=self.lr_max,
+            warmup_tokens=self.warmup_tokens,
+            decay_tokens=self.decay_tokens,
+            total_tokens=self.total_tokens,
+            decay_shape=self.decay_shape,
+            min_lr_ratio=self.min_lr_ratio,
+            reference_sequence_length=self.reference_sequence_length,
+        )
+        return lr / self.lr_max
+
+
+class WSDScheduler(TokenScheduler):
+    """Warmup-stable-decay: each param group's initial LR times :func:`~lightning_power.schedules.wsd_factor`.
+
+    Linear warmup from 0 over ``warmup`` units, constant, then a decay over the last ``decay`` units that ends at
+    ``total``; held at ``min_lr_ratio`` afterwards. Units are optimizer steps, or tokens measured by a
+    :class:`~lightning_power.tokens.TokenCounter` (``units="tokens"``). Resume with a new ``total``/``decay`` to branch
+    a decay from a checkpoint. Must be stepped once per optimizer step (Lightning: ``"interval": "step"``).
+
+    Args:
+        optimizer: the wrapped optimizer.
+        warmup: warmup length in ``units``.
+        total: where the decay ends, in ``units``.
+        decay: decay length in ``units``; ``warmup + decay <= total``.
+        decay_shape: ``"1-sqrt"`` (default), ``"linear"``, ``"cosine"`` or ``"exponential"``.
+        min_lr_ratio: the floor, as a fraction of the initial LR, in [0, 1).
+        units: ``"steps"`` (optimizer steps) or ``"tokens"``.
+        last_epoch: optimizer steps already taken; leave at -1 (Lightning restores the state on resume).
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_power.schedulers import WSDScheduler
+        >>> optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+        >>> scheduler = WSDScheduler(optimizer, warmup=2, total=10, decay=4, decay_shape="linear")
+        >>> lrs = []
+        >>> for _ in range(10):
+        ...     lrs.append(optimizer.param_groups[0]["lr"])
+        ...     optimizer.step()
+        ...     scheduler.step()
+        >>> lrs
+        [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        warmup: int,
+        total: int,
+        decay: int,
+        decay_shape: Literal["1-sqrt", "linear", "cosine", "exponential"] = "1-sqrt",
+        min_lr_ratio: float = 0.0,
+        units: Literal["steps", "tokens"] = "steps",
+        last_epoch: int = -1,
+    ) -> None:
+        check_wsd_args(warmup=warmup, total=total, decay=decay, decay_shape=decay_shape, min_lr_ratio=min_lr_ratio)
+        if units not in ("steps", "tokens"):
+            raise ValueError(f"units must be 'steps' or 'tokens', got {units!r}")
+        self.warmup, self.total, self.decay = warmup, total, decay
+        self.decay_shape, self.min_lr_ratio, self.units = decay_shape, min_lr_ratio, units
+        super().__init__(optimizer, tokens_per_step=None, last_epoch=last_epoch)
+
+    @override
+    def factor(self) -> float:
+        """``wsd_factor(t)`` with t = ``last_epoch + 1`` steps, or the tokens through this step (0 before known)."""
+        if self.units == "steps":
+            t = self.last_epoch + 1
+        else:
+            t = self.tokens_through_current_step()
+            if t is None:
+                return 0.0
+        return wsd_factor(
+            t,
+            warmup=self.warmup,
+            total=self.total,
+            decay=self.decay,
+            decay_shape=self.decay_shape,
+            min_lr_ratio=self.min_lr_ratio,
+        )

@@ -1,0 +1,176 @@
+"""Count the real tokens of every optimizer step, across ranks and gradient accumulation, and feed the schedulers.
+
+Logged metrics, to every logger, every ``trainer.log_every_n_steps`` optimizer steps, at ``step=trainer.global_step``:
+
+- ``tokens/seen``: tokens consumed by all optimizer steps so far, this one included, summed over ranks.
+- ``tokens/step``: tokens of this optimizer step, all ranks and accumulated micro-batches together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_power.schedulers import TokenScheduler
+
+
+def count_tokens(batch: Any, *, mask_key: str = "attention_mask", tokens_key: str = "input_ids") -> int | torch.Tensor:
+    """The number of tokens in ``batch`` by the default rule.
+
+    - a tensor: ``numel()``;
+    - a tuple or list: the first tensor in it, e.g. ``inputs`` of an ``(inputs, targets)`` batch;
+    - a mapping: ``batch[mask_key].sum()`` when the mask is present (padding excluded), else
+      ``batch[tokens_key].numel()``.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.numel()
+    if isinstance(batch, (tuple, list)):
+        for item in batch:
+            if isinstance(item, torch.Tensor):
+                return item.numel()
+    elif isinstance(batch, Mapping):
+        if mask_key in batch:
+            return batch[mask_key].sum()
+        if tokens_key in batch:
+            return batch[tokens_key].numel()
+        raise TypeError(
+            f"cannot count tokens in a batch with keys {list(batch)}: it has neither {mask_key!r} nor {tokens_key!r}; "
+            "set TokenCounter(mask_key=..., tokens_key=...) or count_fn"
+        )
+    raise TypeError(f"cannot count tokens in a batch of type {type(batch).__name__}; pass TokenCounter(count_fn=...)")
+
+
+def _data_parallel_group(trainer: pl.Trainer) -> torch.distributed.ProcessGroup | None:
+    """The ranks that read different batches: the world (``None``), or the data-parallel mesh dimension of
+    ``ModelParallelStrategy`` (tensor-parallel peers share a batch)."""
+    if isinstance(trainer.strategy, ModelParallelStrategy):
+        return trainer.strategy.device_mesh["data_parallel"].get_group()
+    return None
+
+
+def _data_parallel_size(trainer: pl.Trainer) -> int:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size(_data_parallel_group(trainer))
+
+
+def _global_sum(local: int | torch.Tensor, trainer: pl.Trainer) -> int:
+    """Sum a per-rank count over the data-parallel ranks: one all-reduce, called on every rank."""
+    total = torch.as_tensor(local, dtype=torch.int64, device=trainer.strategy.root_device)
+    if _data_parallel_size(trainer) > 1:
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM, group=_data_parallel_group(trainer))
+    return int(total.item())
+
+
+class TokenCounter(Callback):
+    """Count the tokens of each optimizer step over all ranks and feed them to the token schedulers.
+
+    Each micro-batch is counted in ``on_train_batch_start`` (see :func:`count_tokens`, or pass ``count_fn``). Just
+    before each optimizer step, one all-reduce sums the step's count over the data-parallel ranks. The
+    :class:`~lightning_power.PowerScheduler` and :class:`~lightning_power.WSDScheduler` of the trainer then get the
+    step's tokens and set the LR the step uses: Power's n and beta follow the real batch, so a batch-size ramp or a
+    resume with a new batch size is exact. The count is saved in checkpoints.
+
+    A callback that reads ``param_groups[i]["lr"]`` in ``on_before_optimizer_step`` must come after this one.
+    ``LearningRateMonitor`` logs in ``on_train_batch_start``, before the step's micro-batches are all counted, so it
+    shows the LR predicted from the previous step's batch (at the first step: this rank's first micro-batch times
+    the data-parallel size times ``accumulate_grad_batches``). The prediction is exact while the batch is constant.
+
+    Args:
+        count_fn: ``batch -> tokens`` (an int or a 0-d tensor), replacing the default rule.
+        mask_key: the mapping key of the attention mask (padding excluded when present).
+        tokens_key: the mapping key counted by ``numel()`` when there is no mask.
+
+    Raises:
+        ValueError: in ``on_train_start``, if a token scheduler is not stepped with ``interval="step"`` and
+            ``frequency=1``.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_power.tokens import TokenCounter
+        >>> trainer = Trainer(callbacks=[TokenCounter()], logger=False, enable_progress_bar=False)
+    """
+
+    def __init__(
+        self,
+        count_fn: Callable[[Any], int | torch.Tensor] | None = None,
+        mask_key: str = "attention_mask",
+        tokens_key: str = "input_ids",
+    ) -> None:
+        if count_fn is not None and not callable(count_fn):
+            raise TypeError(f"count_fn must be callable, got {count_fn!r}")
+        self.count_fn = count_fn
+        self.mask_key = mask_key
+        self.tokens_key = tokens_key
+        self.tokens_seen = 0
+        self.step_tokens = 0
+        self._local_tokens: int | torch.Tensor = 0
+        self._local_batches = 0
+        self._schedulers: list[TokenScheduler] = []
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._schedulers = []
+        for config in trainer.lr_scheduler_configs:
+            if not isinstance(config.scheduler, TokenScheduler):
+                continue
+            name = type(config.scheduler).__name__
+            if config.interval != "step" or config.frequency != 1:
+                raise ValueError(
+                    f"{name} must be stepped once per optimizer step: configure it with interval='step' and "
+                    f"frequency=1, got interval={config.interval!r}, frequency={config.frequency!r}"
+                )
+            self._schedulers.append(config.scheduler)
+        self._local_tokens, self._local_batches = 0, 0
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.count_fn is not None:
+            tokens = self.count_fn(batch)
+        else:
+            tokens = count_tokens(batch, mask_key=self.mask_key, tokens_key=self.tokens_key)
+        self._local_tokens = self._local_tokens + tokens
+        self._local_batches += 1
+        unmeasured = [scheduler for scheduler in self._schedulers if scheduler.batch_tokens is None]
+        if unmeasured and self._local_batches == 1:
+            # Before the first measured step a scheduler has no batch size to predict its LR from (what
+            # LearningRateMonitor logs next): estimate it from this micro-batch. The exact count replaces it below.
+            estimate = int(tokens) * _data_parallel_size(trainer) * trainer.accumulate_grad_batches
+            for scheduler in unmeasured:
+                if estimate > 0:
+                    scheduler.set_step_tokens(estimate)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        if self._local_batches == 0:  # a second optimizer stepping on the same batch: its tokens are counted
+            return
+        self.step_tokens = _global_sum(self._local_tokens, trainer)
+        self.tokens_seen += self.step_tokens
+        self._local_tokens, self._local_batches = 0, 0
+        for scheduler in self._schedulers:
+            scheduler.set_step_tokens(self.step_tokens)
+        if (trainer.global_step + 1) % trainer.log_every_n_steps == 0:
+            metrics = {"tokens/seen": self.tokens_seen, "tokens/step": self.step_tokens}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    @override
+    def state_dict(self) -> dict[str, int]:
+        return {"tokens_seen": self.tokens_seen, "step_tokens": self.step_tokens}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.tokens_seen = state_dict["tokens_seen"]
+        self.step_tokens = state_dict["step_tokens"]

@@ -1,0 +1,297 @@
+"""PowerScheduler and WSDScheduler: the LR each optimizer step uses, state, resume, branching, Trainer and CLI."""
+
+import io
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_power.demo import GPT
+from lightning_power.schedulers import PowerScheduler, WSDScheduler
+from tests.helpers.jobs import CONFIGS, read_metrics
+from tests.helpers.tiny import tiny_cli_args
+
+BATCH, CONTEXT = 4, 8
+
+
+def sgd(*lrs):
+    """An optimizer with one param group per LR."""
+    return torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in lrs])
+
+
+def used_lrs(optimizer, scheduler, steps):
+    """The LRs of every group at each optimizer step, stepping as a training loop does."""
+    lrs = []
+    for _ in range(steps):
+        lrs.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def flat(rows):
+    return [x for row in rows for x in row]
+
+
+def reference_power(n, batch, base_lr, lr_max=0.02, a=4.0, b=-0.5, warmup=0, decay=0, total=None, r=0.0):
+    """Eq. 7-8 of arXiv 2408.13359 written out again, with the exponential decay shape, times base_lr / lr_max."""
+    def eta(x):
+        return lr_max if x == 0 else min(lr_max, batch / 4096 * a * x**b)
+
+    start = math.inf if total is None else total - decay
+    if n > start:
+        u = min(1.0, (n - start) / decay) if decay else 1.0
+        lr = eta(start) * (r + (1 - r) * (math.exp(-u) - math.exp(-1)) / (1 - math.exp(-1)))
+    elif n < warmup:
+        lr = n / warmup * eta(warmup)
+    else:
+        lr = eta(n)
+    return lr * base_lr / lr_max
+
+
+def test_power_lr_of_step_k_is_the_schedule_at_k_plus_one_batches_for_every_group():
+    tps = 4096 * 64
+    # beta = 64, a = 0.05: eta(n) = 3.2 / sqrt(n), below lr_max from the end of warmup on
+    settings = dict(a=0.05, b=-0.5, warmup_tokens=3 * tps, decay_tokens=4 * tps, total_tokens=10 * tps)
+    optimizer = sgd(0.02, 0.005)
+    scheduler = PowerScheduler(optimizer, tokens_per_step=tps, min_lr_ratio=0.1, **settings)
+    expected = [
+        [reference_power((k + 1) * tps, tps, base, a=0.05, warmup=3 * tps, decay=4 * tps, total=10 * tps, r=0.1)
+         for base in (0.02, 0.005)]
+        for k in range(12)
+    ]
+    lrs = used_lrs(optimizer, scheduler, 12)
+    assert flat(lrs) == pytest.approx(flat(expected), rel=1e-12)
+    assert 0 < lrs[0][0] < lrs[1][0] < lrs[2][0] < 0.02  # warmup to the power-law value; the first update is not at 0
+    assert lrs[2][0] > lrs[3][0] > lrs[4][0] > lrs[5][0] > lrs[6][0]  # power law, then decay
+    assert lrs[11][0] == pytest.approx(lrs[11][1] * 4, rel=1e-12)  # the groups keep their ratio
+
+
+def test_power_lr_max_defaults_to_the_largest_group_lr():
+    tps = 4096
+    optimizer = sgd(0.001, 0.004)
+    scheduler = PowerScheduler(optimizer, tokens_per_step=tps, a=4.0, b=-0.5)
+    assert scheduler.lr_max == 0.004
+    # eta(n) = 4 / sqrt(n) binds below 0.004 from n = 1e6 on; step 499 has n = 500 * 4096 = 2.048e6
+    lrs = used_lrs(optimizer, scheduler, 500)
+    assert lrs[0] == [0.001, 0.004]
+    assert lrs[499][1] == pytest.approx(4 / math.sqrt(500 * 4096), rel=1e-12)
+    assert lrs[499][0] == pytest.approx(lrs[499][1] / 4, rel=1e-12)
+
+
+def test_wsd_lr_of_step_k_is_the_factor_at_k_plus_one_steps():
+    optimizer = sgd(0.1, 0.4)
+    scheduler = WSDScheduler(optimizer, warmup=4, total=12, decay=4, decay_shape="cosine", min_lr_ratio=0.1)
+    cosine_tail = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * u / 4)) for u in (1, 2, 3, 4)]
+    factors = [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, *cosine_tail, 0.1, 0.1]
+    expected = [[0.1 * f, 0.4 * f] for f in factors]
+    assert flat(used_lrs(optimizer, scheduler, 14)) == pytest.approx(flat(expected), rel=1e-12)
+
+
+def test_power_follows_the_reported_batch_of_each_step():
+    optimizer = sgd(0.02)
+    scheduler = PowerScheduler(optimizer, a=4.0, b=-0.5)
+    assert optimizer.param_groups[0]["lr"] == 0.0  # nothing known yet
+    batches = [4096, 4096, 8192, 16384, 16384, 2048]
+    seen, lrs, expected = 0, [], []
+    for batch in batches:
+        scheduler.set_step_tokens(batch)
+        seen += batch
+        lrs.append(optimizer.param_groups[0]["lr"])
+        expected.append(reference_power(seen, batch, 0.02))
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    # later steps are predicted with the last batch until the next report
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(reference_power(seen + 2048, 2048, 0.02), rel=1e-12)
+
+
+def test_power_without_tokens_fails_at_the_first_step_that_needs_them():
+    optimizer = sgd(0.02)
+    scheduler = PowerScheduler(optimizer)
+    optimizer.step()
+    with pytest.raises(ValueError, match="tokens_per_step.*TokenCounter"):
+        scheduler.step()
+
+
+def test_wsd_in_tokens_needs_reported_tokens():
+    optimizer = sgd(1.0)
+    scheduler = WSDScheduler(optimizer, warmup=100, total=1000, decay=100, units="tokens")
+    scheduler.set_step_tokens(25)
+    assert optimizer.param_groups[0]["lr"] == 0.25
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 0.5  # predicted: 25 more tokens
+    optimizer.step()
+    scheduler = WSDScheduler(optimizer, warmup=100, total=1000, decay=100, units="tokens")
+    with pytest.raises(ValueError, match="TokenCounter"):
+        scheduler.step()
+
+
+@pytest.mark.parametrize(
+    ("make", "argument"),
+    [
+        (lambda opt: PowerScheduler(opt, tokens_per_step=0), "tokens_per_step"),
+        (lambda opt: PowerScheduler(opt, b=0.0), "b"),
+        (lambda opt: PowerScheduler(opt, a=-4.0), "a"),
+        (lambda opt: PowerScheduler(opt, lr_max=-0.1), "lr_max"),
+        (lambda opt: PowerScheduler(opt, warmup_tokens=-5), "warmup_tokens"),
+        (lambda opt: PowerScheduler(opt, warmup_tokens=8, decay_tokens=4, total_tokens=10), "warmup_tokens \\+"),
+        (lambda opt: PowerScheduler(opt, decay_shape="step"), "decay_shape"),
+        (lambda opt: PowerScheduler(opt, min_lr_ratio=1.0), "min_lr_ratio"),
+        (lambda opt: WSDScheduler(opt, warmup=-1, total=10, decay=2), "warmup"),
+        (lambda opt: WSDScheduler(opt, warmup=5, total=10, decay=6), "warmup \\+ decay"),
+        (lambda opt: WSDScheduler(opt, warmup=1, total=10, decay=2, units="epochs"), "units"),
+    ],
+)
+def test_bad_settings_fail_at_construction_naming_the_argument(make, argument):
+    with pytest.raises(ValueError, match=f"^{argument}"):
+        make(sgd(0.02))
+
+
+def test_lr_max_default_rejects_a_zero_optimizer_lr():
+    with pytest.raises(ValueError, match="^lr_max"):
+        PowerScheduler(sgd(0.0), tokens_per_step=4096)
+
+
+def test_per_group_state_is_only_base_lrs():
+    """The muP callback may split groups after construction and rescale ``base_lrs``: LR_i = base_lrs[i] * factor."""
+    optimizer = sgd(0.02)
+    scheduler = WSDScheduler(optimizer, warmup=2, total=10, decay=2)
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.02})
+    scheduler.base_lrs = [0.02, 0.02 * 0.25]
+    optimizer.step()
+    scheduler.step()
+    assert [group["lr"] for group in optimizer.param_groups] == [0.02, 0.005]
+    per_group = {k: v for k, v in vars(scheduler).items() if isinstance(v, list)}
+    assert set(per_group) == {"base_lrs", "_last_lr"}
+
+
+def test_state_dict_is_plain_and_survives_weights_only_load():
+    optimizer = sgd(0.02)
+    scheduler = PowerScheduler(optimizer, tokens_per_step=4096, warmup_tokens=8192, total_tokens=10**6)
+    used_lrs(optimizer, scheduler, 3)
+    buffer = io.BytesIO()
+    torch.save(scheduler.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert state["last_epoch"] == 3 and state["tokens_counted"] == 0 and state["batch_tokens"] == 4096
+
+    fresh_optimizer = sgd(0.02)
+    fresh = PowerScheduler(fresh_optimizer, tokens_per_step=4096, warmup_tokens=8192, total_tokens=10**6)
+    fresh.load_state_dict(state)
+    assert used_lrs(fresh_optimizer, fresh, 5) == used_lrs(optimizer, scheduler, 5)  # bit for bit
+
+
+def test_resume_with_new_decay_settings_branches_a_decay():
+    optimizer = sgd(1.0)
+    scheduler = WSDScheduler(optimizer, warmup=2, total=100, decay=10, decay_shape="linear")
+    before = used_lrs(optimizer, scheduler, 6)
+    state = scheduler.state_dict()
+
+    optimizer = sgd(1.0)
+    branched = WSDScheduler(optimizer, warmup=2, total=10, decay=4, decay_shape="linear")  # decay from step 6 on
+    branched.load_state_dict(state)
+    after = used_lrs(optimizer, branched, 5)
+    assert flat(before) == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert flat(after) == pytest.approx([0.75, 0.5, 0.25, 0.0, 0.0])
+    assert branched.total == 10 and branched.decay == 4  # the checkpoint did not restore the old settings
+
+
+def test_resume_with_a_new_batch_keeps_the_tokens_already_seen():
+    optimizer = sgd(0.02)
+    scheduler = PowerScheduler(optimizer, tokens_per_step=4096, a=4.0, b=-0.5)
+    used_lrs(optimizer, scheduler, 3)
+    optimizer = sgd(0.02)
+    resumed = PowerScheduler(optimizer, tokens_per_step=16384, a=4.0, b=-0.5)
+    resumed.load_state_dict(scheduler.state_dict())
+    expected = [[reference_power(3 * 4096 + (k + 1) * 16384, 16384, 0.02)] for k in range(4)]
+    assert flat(used_lrs(optimizer, resumed, 4)) == pytest.approx(flat(expected), rel=1e-12)
+
+
+# --- Lightning -------------------------------------------------------------------------------------------------------
+
+
+class ScheduledGPT(GPT):
+    """The demo GPT with ``make_scheduler(optimizer)`` stepped per optimizer step; records the LR each step uses."""
+
+    def __init__(self, make_scheduler) -> None:
+        super().__init__(width=16, depth=1, n_heads=2, context_length=CONTEXT)
+        self.hparams.pop("make_scheduler", None)  # a test function, not a hyperparameter to checkpoint
+        self.make_scheduler = make_scheduler
+        self.used_lrs = []
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=0.02)
+        self.scheduler = self.make_scheduler(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer):
+        self.used_lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def byte_batches(batches: int) -> DataLoader:
+    data = torch.randint(0, 256, (batches * BATCH, CONTEXT + 1), generator=torch.Generator().manual_seed(0))
+    return DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=BATCH)
+
+
+def fit(model, max_steps, batches=6, ckpt_path=None, **trainer_kwargs):
+    trainer_kwargs = {"enable_checkpointing": False, **trainer_kwargs}
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        **trainer_kwargs,
+    )
+    trainer.fit(model, byte_batches(batches), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_one_scheduler_step_per_optimizer_step_under_gradient_accumulation():
+    tps = 2 * BATCH * CONTEXT  # two micro-batches per optimizer step
+    model = ScheduledGPT(lambda opt: PowerScheduler(opt, tokens_per_step=tps, a=4.0, b=-0.5, lr_max=0.02))
+    fit(model, max_steps=4, accumulate_grad_batches=2)
+    assert model.scheduler.last_epoch == 4
+    assert model.used_lrs == pytest.approx([reference_power((k + 1) * tps, tps, 0.02) for k in range(4)], rel=1e-12)
+
+
+def test_trainer_resume_with_a_new_total_branches_the_decay(tmp_path):
+    def wsd(total):
+        return lambda opt: WSDScheduler(opt, warmup=2, total=total, decay=3, decay_shape="linear")
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    first = ScheduledGPT(wsd(total=100))
+    fit(first, max_steps=3, batches=3, callbacks=[checkpoint], enable_checkpointing=True)
+    resumed = ScheduledGPT(wsd(total=7))  # decay over steps 4..6, i.e. t = 5, 6, 7
+    fit(resumed, max_steps=7, batches=3, ckpt_path=tmp_path / "step=3.ckpt")
+    assert first.used_lrs == pytest.approx([0.01, 0.02, 0.02])
+    assert resumed.used_lrs == pytest.approx([0.02, 0.02 * 2 / 3, 0.02 / 3, 0.0])
+
+
+def test_cli_fit_from_the_power_yaml_logs_the_power_schedule(tmp_path):
+    from lightning_power.cli import main
+
+    tps = 8 * 16  # tiny_cli_args: batch 8, context 16; TokenCounter measures it
+    main(["fit", "--config", str(CONFIGS / "gpt_power.yaml"), *tiny_cli_args(max_steps=4),
+          "--lr_scheduler.init_args.warmup_tokens=256", "--lr_scheduler.init_args.decay_tokens=128",
+          "--lr_scheduler.init_args.total_tokens=512", "--lr_scheduler.init_args.a=0.05"])
+    metrics = read_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
+    lr_max = 0.003  # the YAML optimizer LR, so lr_max by default
+    expected = [reference_power((k + 1) * tps, tps, lr_max, lr_max=lr_max, a=0.05, b=-0.51, warmup=256, decay=128,
+                                total=512) for k in range(4)]
+    assert [step for step, _ in metrics["lr-AdamW"]] == [0, 1, 2, 3]
+    assert [lr for _, lr in metrics["lr-AdamW"]] == pytest.approx(expected, rel=1e-6)
+    assert metrics["tokens/seen"] == [(k, (k + 1) * tps) for k in range(4)]
+
+
+@pytest.mark.parametrize(("config", "scheduler"), [("gpt_power.yaml", "PowerScheduler"), ("gpt_wsd.yaml", "WSDScheduler")])
+def test_the_example_configs_parse(config, scheduler, capsys):
+    from lightning_power.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert f"class_path: lightning_power.schedulers.{scheduler}" in printed
+    assert "class_path: lightning_power.tokens.TokenCounter" in printed

@@ -1,0 +1,156 @@
+"""TokenCounter: the counting rule, the LR each optimizer step uses under a batch ramp, padding, resume, bad setups."""
+
+import itertools
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_power import tokens as tokens_module
+from lightning_power.schedulers import PowerScheduler, WSDScheduler
+from lightning_power.tokens import TokenCounter, count_tokens
+from tests.helpers.jobs import read_metrics
+from tests.test_schedulers import CONTEXT, ScheduledGPT, reference_power
+
+
+def test_default_counting_rule():
+    assert count_tokens(torch.zeros(3, 5)) == 15
+    assert count_tokens((torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4))) == 8  # (inputs, targets)
+    assert count_tokens(["a label", torch.zeros(6)]) == 6  # the first tensor
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert int(count_tokens({"input_ids": torch.zeros(2, 4), "attention_mask": mask})) == 5  # padding excluded
+    assert count_tokens({"input_ids": torch.zeros(2, 4)}) == 8
+    assert int(count_tokens({"ids": torch.zeros(2, 4), "valid": mask.bool()}, mask_key="valid")) == 5
+    assert count_tokens({"ids": torch.zeros(2, 3)}, tokens_key="ids") == 6
+
+
+@pytest.mark.parametrize("batch", [{"pixels": torch.zeros(2)}, 3.0, ("no", "tensors")])
+def test_uncountable_batch_raises(batch):
+    with pytest.raises(TypeError, match="count_fn"):
+        count_tokens(batch)
+
+
+def test_count_fn_must_be_callable():
+    with pytest.raises(TypeError, match="count_fn"):
+        TokenCounter(count_fn=5)
+
+
+def ramp_batches(sizes: list[int]) -> DataLoader:
+    """A loader whose i-th batch has ``sizes[i]`` byte sequences of ``CONTEXT`` tokens, in a fixed order."""
+    data = torch.randint(0, 256, (sum(sizes), CONTEXT + 1), generator=torch.Generator().manual_seed(0))
+    starts = itertools.accumulate([0, *sizes])
+    batches = [list(range(start, start + size)) for start, size in zip(starts, sizes)]
+    return DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_sampler=batches)
+
+
+def trainer(max_steps: int, **kwargs) -> pl.Trainer:
+    kwargs = {"logger": False, "enable_checkpointing": False, **kwargs}
+    return pl.Trainer(
+        accelerator="cpu", max_steps=max_steps, enable_progress_bar=False, enable_model_summary=False, **kwargs
+    )
+
+
+def power(optimizer):
+    return PowerScheduler(optimizer, a=4.0, b=-0.5, warmup_tokens=40)
+
+
+def test_power_follows_a_batch_ramp_across_gradient_accumulation(tmp_path):
+    counter = TokenCounter()
+    model = ScheduledGPT(power)
+    fit_trainer = trainer(3, callbacks=[counter], accumulate_grad_batches=2, logger=CSVLogger(tmp_path),
+                          log_every_n_steps=1)
+    fit_trainer.fit(model, ramp_batches([2, 2, 4, 4, 6, 6]))
+    step_tokens = [(2 + 2) * CONTEXT, (4 + 4) * CONTEXT, (6 + 6) * CONTEXT]
+    seen = list(itertools.accumulate(step_tokens))
+    expected = [reference_power(n, batch, 0.02, warmup=40) for n, batch in zip(seen, step_tokens)]
+    assert model.used_lrs == pytest.approx(expected, rel=1e-12)
+    assert model.scheduler.last_epoch == 3 and counter.tokens_seen == seen[-1]
+    metrics = read_metrics(tmp_path / "lightning_logs" / "version_0" / "metrics.csv")
+    assert metrics["tokens/seen"] == list(enumerate(seen))
+    assert metrics["tokens/step"] == list(enumerate(step_tokens))
+
+
+class MaskedGPT(ScheduledGPT):
+    """Trains on ``{"input_ids", "attention_mask"}`` batches (the mask only matters to the counter here)."""
+
+    def training_step(self, batch, batch_idx):
+        ids = batch["input_ids"]
+        return self.loss((ids[:, :-1], ids[:, 1:]))
+
+
+def test_padding_is_not_counted():
+    ids = torch.randint(0, 256, (8, CONTEXT + 1), generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([9, 3, 5, 9, 1, 2, 9, 7])
+    mask = (torch.arange(CONTEXT + 1) < lengths[:, None]).long()
+    loader = DataLoader(
+        list(zip(ids, mask)), batch_size=4, collate_fn=lambda rows: {
+            "input_ids": torch.stack([r[0] for r in rows]), "attention_mask": torch.stack([r[1] for r in rows])
+        }
+    )
+    counter = TokenCounter()
+    model = MaskedGPT(lambda opt: WSDScheduler(opt, warmup=100, total=1000, decay=0, units="tokens"))
+    trainer(2, callbacks=[counter]).fit(model, loader)
+    assert counter.tokens_seen == int(lengths.sum()) == 45
+    assert model.used_lrs == pytest.approx([0.02 * 26 / 100, 0.02 * 45 / 100], rel=1e-12)
+
+
+def test_resume_reproduces_the_uninterrupted_lr_sequence_bit_for_bit(tmp_path):
+    sizes = [2, 4, 6]  # one epoch = 3 optimizer steps with different batch sizes
+    whole = ScheduledGPT(power)
+    trainer(6, callbacks=[TokenCounter()]).fit(whole, ramp_batches(sizes))
+
+    first = ScheduledGPT(power)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    trainer(3, callbacks=[TokenCounter(), checkpoint], enable_checkpointing=True).fit(first, ramp_batches(sizes))
+    resumed, counter = ScheduledGPT(power), TokenCounter()
+    trainer(6, callbacks=[counter]).fit(resumed, ramp_batches(sizes), ckpt_path=tmp_path / "step=3.ckpt")
+
+    assert first.used_lrs + resumed.used_lrs == whole.used_lrs  # exact equality, not approx
+    assert counter.tokens_seen == 2 * sum(sizes) * CONTEXT
+
+
+@pytest.mark.parametrize(("interval", "frequency"), [("epoch", 1), ("step", 2)])
+def test_a_token_scheduler_must_step_once_per_optimizer_step(interval, frequency):
+    class Misconfigured(ScheduledGPT):
+        def configure_optimizers(self):
+            config = super().configure_optimizers()
+            config["lr_scheduler"].update(interval=interval, frequency=frequency)
+            return config
+
+    model = Misconfigured(lambda opt: PowerScheduler(opt, tokens_per_step=32))
+    with pytest.raises(ValueError, match="interval='step' and frequency=1"):
+        trainer(2, callbacks=[TokenCounter()]).fit(model, ramp_batches([4, 4]))
+
+
+def test_power_without_tokens_per_step_or_counter_fails_in_fit():
+    model = ScheduledGPT(lambda opt: PowerScheduler(opt))
+    with pytest.raises(ValueError, match="tokens_per_step.*TokenCounter"):
+        trainer(2).fit(model, ramp_batches([4, 4]))
+    assert model.used_lrs == [0.0]  # the one step taken before the error ran at LR 0
+
+
+def test_global_count_is_one_sum_all_reduce_over_ranks(monkeypatch):
+    calls = []
+
+    def fake_all_reduce(tensor, op, group):
+        calls.append((op, group))
+        tensor.mul_(2)  # the other rank counted the same
+
+    distributed = SimpleNamespace(
+        is_available=lambda: True, is_initialized=lambda: True, get_world_size=lambda group=None: 2,
+        all_reduce=fake_all_reduce, ReduceOp=torch.distributed.ReduceOp,
+    )
+    monkeypatch.setattr(tokens_module.torch, "distributed", distributed)
+    fake_trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    assert tokens_module._global_sum(torch.tensor(21), fake_trainer) == 42
+    assert calls == [(torch.distributed.ReduceOp.SUM, None)]
+
+    distributed.get_world_size = lambda group=None: 1
+    assert tokens_module._global_sum(21, fake_trainer) == 21
+    distributed.is_initialized = lambda: False
+    assert tokens_module._global_sum(21, fake_trainer) == 21
+    assert len(calls) == 1
