@@ -69,10 +69,20 @@ def _remove(path: Path) -> None:
 
 
 class ModelParallelStrategy(_AtomicShardedSave, strategies.ModelParallelStrategy):
-    """Lightning's ``ModelParallelStrategy`` (FSDP2 / tensor parallel) with atomic sharded checkpoints."""
+    """Lightning's ``ModelParallelStrategy`` (FSDP2 / tensor parallel) with atomic sharded checkpoints.
+
+    With ``data_parallel_size="auto"`` and an integer ``tensor_parallel_size``, data parallelism takes every
+    remaining device (Lightning's ``"auto"`` means one data-parallel rank per node), so ``tensor_parallel_size: 1``
+    is plain FSDP2 on all devices of all nodes.
+    """
 
     def _saves_sharded(self) -> bool:
         return self._save_distributed_checkpoint
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto" and isinstance(self._tensor_parallel_size, int):
+            self._data_parallel_size = self.num_nodes * self.num_processes // self._tensor_parallel_size
+        super().setup_environment()
 
 
 class FSDPStrategy(_AtomicShardedSave, strategies.FSDPStrategy):

@@ -1,25 +1,16 @@
-"""2-process CPU (gloo) fits through the console script: DDP and ModelParallelStrategy (FSDP2)."""
+"""2-process CPU (gloo) fits through the console script with the shipped strategy configs: DDP, FSDP1, FSDP2."""
 
 import pytest
 
 from tests.helpers.jobs import CONFIGS, read_metrics, run_cli
 from tests.helpers.tiny import tiny_cli_args
 
-STRATEGIES = {
-    "ddp": ["--trainer.strategy=ddp"],
-    "fsdp2": [
-        "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
-        "--trainer.strategy.data_parallel_size=2",
-        "--trainer.strategy.tensor_parallel_size=1",
-    ],
-}
-
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp2"])
 def test_two_process_fit_trains(strategy, tmp_path):
-    args = ["fit", "--config", str(CONFIGS / "gpt_demo.yaml"), *tiny_cli_args(max_steps=12), "--trainer.devices=2",
-            "--optimizer.lr=0.01", *STRATEGIES[strategy]]
+    args = ["fit", "--config", str(CONFIGS / "gpt_demo.yaml"), "--config", str(CONFIGS / f"strategy_{strategy}.yaml"),
+            *tiny_cli_args(max_steps=12), "--trainer.devices=2", "--optimizer.lr=0.01"]
     run_cli(args, tmp_path)
     metrics = read_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
     losses = [value for _, value in metrics["train/loss"]]
