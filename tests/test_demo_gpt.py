@@ -21,6 +21,14 @@ def test_shapes_and_parameter_layout():
     assert GPT(width=64, head_dim=8).blocks[0].attn.n_heads == 8
 
 
+@pytest.mark.parametrize("heads", [{"n_heads": 4}, {"head_dim": 8}, {}])
+def test_saved_hyperparameters_rebuild_the_same_model(heads):
+    model = GPT(width=32, depth=1, context_length=8, **heads)
+    rebuilt = GPT(**model.hparams)
+    assert dict(rebuilt.hparams) == dict(model.hparams)
+    assert rebuilt.blocks[0].attn.n_heads == model.blocks[0].attn.n_heads
+
+
 def test_zero_init_readout_predicts_uniform_bytes():
     model = GPT(**TINY_MODEL, zero_init_readout=True)
     tokens = torch.randint(0, 256, (3, 16))
@@ -74,8 +82,15 @@ def test_loss_goes_down_on_the_demo_corpus():
     pl.seed_everything(0)
     model = GPT(**TINY_MODEL, learning_rate=1e-2)
     data = ByteCorpus(**TINY_DATA)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=40, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=4)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=40,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=4,
+    )
     before = trainer.validate(model, data, verbose=False)[0]["val/loss"]
     trainer.fit(model, data)
     after = trainer.validate(model, data, verbose=False)[0]["val/loss"]

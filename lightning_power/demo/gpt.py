@@ -122,7 +122,7 @@ class GPT(pl.LightningModule):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
-        n_heads = _resolve_heads(width, n_heads, head_dim)
+        heads = _resolve_heads(width, n_heads, head_dim)
         _check_positive(width=width, depth=depth, mlp_ratio=mlp_ratio, init_std=init_std, learning_rate=learning_rate)
         if context_length < 2:
             raise ValueError(f"context_length must be >= 2 (one input and one target byte), got {context_length}")
@@ -137,7 +137,7 @@ class GPT(pl.LightningModule):
         self.position_embedding = nn.Embedding(context_length, width)
         mlp_hidden = round(mlp_ratio * width)
         self.blocks = nn.ModuleList(
-            Block(width, n_heads, mlp_hidden, attention_scale, residual_multiplier) for _ in range(depth)
+            Block(width, heads, mlp_hidden, attention_scale, residual_multiplier) for _ in range(depth)
         )
         self.final_norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, VOCAB_SIZE, bias=False)
@@ -202,7 +202,9 @@ class GPT(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
 
     def configure_gradient_clipping(
-        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         """Clip by global norm under every strategy; FSDP1 needs its own ``clip_grad_norm_`` (sharded gradients)."""

@@ -1,0 +1,531 @@
+"""Coordinate check: does every activation keep its size as the model widens, during the first steps of training?
+
+Under muP the mean absolute value of each module's output stays the same order at every width, during training as at
+init (Tensor Programs V, arXiv:2203.03466, Sec. 5 and the ``mup`` README). The check trains each width for a few Adam
+(or SGD) steps at a deliberately large LR from several seeds, records mean ``|output|`` of every module in float32, and
+fits the log-log slope of that size against width, per module and step. A slope near 0 is flat; under the standard
+parametrization (SP) slopes are clearly positive (activations blow up with width).
+
+Pass rule: every slope within ``+-tolerance``. A width-scaling bug moves slopes by at least 0.5 (a factor
+``sqrt(width)``): SP's hidden activations start at +0.5 and reach +1 to +2 within 5 steps, and dropping muP's init
+rescale, readout multiplier or hidden-LR scaling each gives +0.5 or more. Correct muP is flat only up to finite-width
+effects; on the demo GPT at widths 32-256, Adam at LR 2^-6 and 3 seeds we measured slopes within +-0.36 by step 5
+(narrow models with 2-4 heads run hotter). Hence the default tolerance of 0.4.
+
+Known exception: the model's output and each readout's output shrink like ``width^-1/2`` at step 1 (the forward
+before the first update) under muP's ``1/width`` readout multiplier with a non-zero readout init, and keep part of that
+shrinkage over the next steps, until the updates dominate the initial weights. Their slopes may lie anywhere in
+``[-0.5 - tolerance, tolerance]``: they may shrink, never grow. (Zero-initialising the readout removes it.)
+
+Python::
+
+    from lightning_power.demo import GPT
+    from lightning_power.mup.coord_check import coord_check
+
+    result = coord_check(GPT, [32, 64, 128, 256], batches, model_args={"depth": 2, "head_dim": 16,
+                         "attention_scale": "1/d_head", "context_length": 64}, mup=True, readout="head")
+    print(result.table()); result.save("out/coord_check_mup")  # .json and .png
+
+Command line::
+
+    lightning-power coord-check --config examples/configs/gpt_mup.yaml --widths 32 64 128 256 --out coord_check
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import yaml
+from torch import nn
+
+from lightning_power.files import write_atomically
+from lightning_power.mup.plan import ModelInit, MuPPlan, detect_optimizer_family
+
+DEFAULT_LR = 2.0**-6  # large for Adam on the demo task (mup_cpu_baseline.md), as a coordinate check wants
+DEFAULT_TOLERANCE = 0.4  # see the module docstring
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+ROOT = "<output>"  # name under which the model's own output is recorded
+
+
+@dataclass
+class CoordCheckResult:
+    """Mean ``|output|`` per module, step and width (averaged over seeds), and the log-log slopes vs width.
+
+    ``l1[module][t - 1][i]`` is the value at step ``t`` (1 = the forward before the first update) and width
+    ``widths[i]``; ``slopes[module][t - 1]`` its least-squares slope of ``log2 l1`` on ``log2 width`` (NaN when a value
+    is 0, e.g. a zero-initialised layer at step 1). ``readout_outputs`` are the modules allowed to shrink (the
+    readouts and the model output, ``<output>``); ``failures`` lists every slope out of range.
+    """
+
+    parametrization: Literal["mup", "sp"]
+    widths: list[int]
+    steps: int
+    seeds: int
+    lr: float
+    optimizer: str
+    tolerance: float
+    l1: dict[str, list[list[float]]]
+    slopes: dict[str, list[float]]
+    readout_outputs: list[str]
+    failures: list[str] = field(default_factory=list)
+    machine: str = field(default_factory=lambda: _machine())
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def max_abs_slope(self) -> float:
+        """The largest |slope| of any module but the readout outputs (their init shrinkage is allowed)."""
+        return max(
+            (
+                abs(s)
+                for name, slopes in self.slopes.items()
+                if name not in self.readout_outputs
+                for s in slopes
+                if math.isfinite(s)
+            ),
+            default=0.0,
+        )
+
+    def table(self) -> str:
+        """Slopes per module (rows) and step (columns); ``!`` marks a slope beyond the tolerance."""
+        name_width = max(len(name) for name in self.slopes)
+        header = f"{'module':<{name_width}} " + " ".join(f"{f't={t}':>7}" for t in range(1, self.steps + 1))
+        title = (
+            f"{self.parametrization} coordinate check ({self.optimizer}, lr {self.lr:g}, widths {self.widths}, "
+            f"{self.seeds} seeds): log2-log2 slope of mean |output| vs width"
+        )
+        lines = [title, header]
+        for name, slopes in self.slopes.items():
+            cells = []
+            for slope in slopes:
+                mark = "!" if _fails(slope, name in self.readout_outputs, self.tolerance) else " "
+                cells.append(f"{slope:+6.2f}{mark}" if math.isfinite(slope) else f"{'-':>6} ")
+            lines.append(f"{name:<{name_width}} " + " ".join(cells))
+        verdict = "PASS" if self.passed else f"FAIL ({len(self.failures)} slopes out of range)"
+        lines.append(
+            f"{self.parametrization}: {verdict}; largest |slope| outside the readout outputs "
+            f"{self.max_abs_slope():.2f} (tolerance {self.tolerance:g})"
+        )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+    def figure(self) -> Any:
+        """One panel per step: mean |output| vs width on log-log axes (a matplotlib Figure).
+
+        Modules of one kind (the name without layer indices, e.g. ``blocks.attn.qkv``) share a colour and a legend
+        entry, so deep models stay readable.
+        """
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        kinds = list(dict.fromkeys(_kind(name) for name in self.l1))
+        colors = plt.get_cmap("tab20").colors
+        fig, axes = plt.subplots(1, self.steps, figsize=(2.6 * self.steps + 1, 3.4), sharey=True, squeeze=False)
+        for t, ax in enumerate(axes[0], start=1):
+            labelled = set()
+            for name, values in self.l1.items():
+                k = kinds.index(_kind(name))
+                ax.plot(
+                    self.widths,
+                    values[t - 1],
+                    marker="o",
+                    markersize=2.5,
+                    linewidth=1,
+                    color=colors[k % 20],
+                    linestyle="-" if k < 20 else "--",
+                    label=None if k in labelled else kinds[k],
+                )
+                labelled.add(k)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"t={t}", fontsize=9)
+            ax.set_xlabel("width", fontsize=8)
+            ax.tick_params(labelsize=7)
+        axes[0][0].set_ylabel("mean |output|", fontsize=8)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7, frameon=False)
+        verdict = "pass" if self.passed else "fail"
+        fig.suptitle(
+            f"{'muP' if self.parametrization == 'mup' else 'SP'} coordinate check ({verdict}, max |slope| "
+            f"{self.max_abs_slope():.2f}): {self.optimizer}, lr {self.lr:g}, {self.seeds} seeds   "
+            f"[{self.machine}]",
+            fontsize=9,
+        )
+        rows = math.ceil(len(labels) / 6)
+        fig.tight_layout(rect=(0, 0.04 + 0.045 * rows, 1, 1))
+        return fig
+
+    def save(self, stem: str | os.PathLike, tensorboard_dir: str | os.PathLike | None = None) -> None:
+        """Write ``<stem>.json`` and ``<stem>.png`` atomically; also log the figure to TensorBoard if asked."""
+        import matplotlib.pyplot as plt
+
+        stem = os.fspath(stem)
+        write_atomically(stem + ".json", json.dumps(self.to_dict(), indent=1, allow_nan=True))
+        fig = self.figure()
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
+        write_atomically(stem + ".png", png.getvalue())
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            with SummaryWriter(os.fspath(tensorboard_dir)) as writer:
+                writer.add_figure(f"coord_check/{self.parametrization}", fig)
+        plt.close(fig)
+
+
+def coord_check(
+    model: type[nn.Module] | Callable[[int], nn.Module],
+    widths: Sequence[int],
+    batches: Sequence[Any],
+    *,
+    model_args: Mapping[str, Any] | None = None,
+    width_arg: str = "width",
+    mup: bool = True,
+    steps: int = 5,
+    seeds: int = 3,
+    lr: float = DEFAULT_LR,
+    optimizer: str | type[torch.optim.Optimizer] = "adamw",
+    optimizer_args: Mapping[str, Any] | None = None,
+    readout: str | Sequence[str] | None = None,
+    model_init: ModelInit | None = "fixed_std",
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> CoordCheckResult:
+    """Train every width for ``steps`` steps from ``seeds`` seeds and fit the slope of mean ``|output|`` vs width.
+
+    Args:
+        model: a module class built as ``model(**model_args, width=w)``, or a factory ``width -> module``.
+        widths: at least 4 widths on a x2 grid (e.g. 32, 64, 128, 256); the first is muP's base width and the second
+            its delta.
+        batches: the fixed batches of steps 1, 2, ... (cycled); the same for every width and seed.
+        model_args: init arguments of ``model`` when it is a class.
+        width_arg: the init argument that sets the width.
+        mup: apply muP (plan, init, readout multiplier, LR groups); ``False`` runs the standard parametrization.
+        steps: training steps recorded (step 1 is the forward before the first update).
+        seeds: seeds per width (at least 3), averaged.
+        lr: the base learning rate; make it large, a coordinate check wants to provoke blow-ups.
+        optimizer: ``"adamw"``, ``"adam"``, ``"sgd"`` or a torch optimizer class.
+        optimizer_args: further optimizer arguments (betas, momentum, ...).
+        readout: the readout module name(s) for muP (see :class:`~lightning_power.mup.MuPPlan`).
+        model_init: how the model initialises itself (see :class:`~lightning_power.mup.MuP`).
+        loss_fn: ``(module, batch) -> loss``; by default the module's ``training_step(batch, 0)``.
+        tolerance: the largest |slope| that passes.
+    """
+    widths = [int(w) for w in widths]
+    if len(widths) < 4 or any(b != 2 * a for a, b in itertools.pairwise(widths)) or widths[0] <= 0:
+        raise ValueError(f"widths must be at least 4 positive widths on a x2 grid (e.g. 32 64 128 256), got {widths}")
+    if seeds < 3:
+        raise ValueError(f"seeds must be >= 3 (slopes from one seed are noise), got {seeds}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0, got {tolerance}")
+    if not batches:
+        raise ValueError("batches must hold at least one batch")
+    if isinstance(optimizer, str):
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer must be one of {sorted(OPTIMIZERS)} or a torch optimizer class, got {optimizer!r}"
+            )
+        optimizer_cls = OPTIMIZERS[optimizer]
+    else:
+        optimizer_cls = optimizer
+    family = detect_optimizer_family(optimizer_cls)
+    factory = _factory(model, model_args or {}, width_arg)
+
+    with torch.device("meta"):
+        base, delta = factory(widths[0]), factory(widths[1])
+    if loss_fn is None and not callable(getattr(base, "training_step", None)):
+        raise ValueError(f"{type(base).__name__} has no training_step; pass loss_fn=(module, batch) -> loss")
+    sums: dict[str, list[list[float]]] = {}
+    readouts: set[str] = set()
+    for width_index, width in enumerate(widths):
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            net = factory(width).float().train()
+            plan = MuPPlan.from_models(net, base, delta, readout)
+            readouts.update(plan.readouts)
+            opt = optimizer_cls(net.parameters(), lr=lr, **(optimizer_args or {}))
+            if mup:
+                if model_init is not None:
+                    plan.apply_init(net, model_init)
+                plan.attach_readouts(net)
+                plan.regroup(opt, net, family)
+            for t, sizes in enumerate(_train(net, opt, batches, steps, loss_fn)):
+                for name, size in sizes.items():
+                    cell = sums.setdefault(name, [[0.0] * len(widths) for _ in range(steps)])
+                    cell[t][width_index] += size / seeds
+
+    log_widths = [math.log2(w) for w in widths]
+    slopes = {name: [_slope(log_widths, per_width) for per_width in per_step] for name, per_step in sums.items()}
+    exceptions = sorted(name for name in sums if name.split("[")[0] in readouts | {ROOT})
+    failures = [
+        f"{name} t={t}: slope {slope:+.3f}"
+        for name, per_step in slopes.items()
+        for t, slope in enumerate(per_step, start=1)
+        if _fails(slope, name in exceptions, tolerance)
+    ]
+    name = optimizer if isinstance(optimizer, str) else optimizer.__name__
+    return CoordCheckResult(
+        "mup" if mup else "sp", widths, steps, seeds, lr, name, tolerance, sums, slopes, exceptions, failures
+    )
+
+
+def _fails(slope: float, is_readout_output: bool, tolerance: float) -> bool:
+    if not math.isfinite(slope):
+        return False
+    low = -0.5 - tolerance if is_readout_output else -tolerance
+    return not low <= slope <= tolerance
+
+
+def _slope(x: Sequence[float], values: Sequence[float]) -> float:
+    """Least-squares slope of ``log2(values)`` on ``x``; NaN if a value is not positive."""
+    if any(not v > 0 for v in values):
+        return math.nan
+    y = [math.log2(v) for v in values]
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+
+
+def _factory(
+    model: type[nn.Module] | Callable[[int], nn.Module], model_args: Mapping[str, Any], width_arg: str
+) -> Callable[[int], nn.Module]:
+    if isinstance(model, type):
+        return lambda width: model(**{**model_args, width_arg: width})
+    if model_args:
+        raise ValueError("model_args is only for a model class; a factory takes the width alone")
+    return model
+
+
+def _train(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Sequence[Any],
+    steps: int,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
+) -> list[dict[str, float]]:
+    """Mean |output| of every module at each step's forward, then an optimizer step."""
+    records: dict[str, list[float]] = {}
+    handles = [
+        module.register_forward_hook(_recorder(records, ROOT if not name else name))
+        for name, module in net.named_modules()
+    ]
+    sizes = []
+    try:
+        for t in range(steps):
+            records.clear()
+            optimizer.zero_grad(set_to_none=True)
+            loss = _loss(net, batches[t % len(batches)], loss_fn)
+            loss.backward()
+            optimizer.step()
+            sizes.append({name: total / count for name, (total, count) in records.items()})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sizes
+
+
+def _loss(net: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None) -> torch.Tensor:
+    if loss_fn is not None:
+        return loss_fn(net, batch)
+    with warnings.catch_warnings():  # LightningModule.log without a Trainer
+        warnings.filterwarnings("ignore", message=".*self.log.*")
+        out = net.training_step(batch, 0)
+    return out["loss"] if isinstance(out, Mapping) else out
+
+
+def _recorder(records: dict[str, list[float]], name: str) -> Callable[..., None]:
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        for key, tensor in _output_tensors(name, output):
+            total_count = records.setdefault(key, [0.0, 0])
+            total_count[0] += mean_abs(tensor)
+            total_count[1] += 1  # a module called several times per forward records its mean over calls
+
+    return hook
+
+
+def _output_tensors(name: str, output: Any) -> list[tuple[str, torch.Tensor]]:
+    """Floating-point tensors of a module output: a tensor, or the entries of a tuple / list / dict (None skipped)."""
+    if isinstance(output, torch.Tensor):
+        return [(name, output)] if output.is_floating_point() else []
+    if isinstance(output, (tuple, list)):
+        items: Any = enumerate(output)
+    elif isinstance(output, Mapping):
+        items = output.items()
+    else:
+        return []
+    return [
+        (f"{name}[{key}]", value)
+        for key, value in items
+        if isinstance(value, torch.Tensor) and value.is_floating_point()
+    ]
+
+
+def mean_abs(tensor: torch.Tensor) -> float:
+    """Mean absolute value in float32. A DTensor is reduced over its shards (a collective), not gathered."""
+    value = tensor.detach().float().abs().mean()
+    full_tensor = getattr(value, "full_tensor", None)
+    return float(full_tensor() if callable(full_tensor) else value)
+
+
+def _kind(name: str) -> str:
+    """``blocks.3.attn.qkv`` -> ``blocks.attn.qkv``: the module's name without layer indices."""
+    return ".".join(part for part in name.split(".") if not part.isdigit())
+
+
+def _machine() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.machine()}"
+    return f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__.split('+')[0]}"
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    """``lightning-power coord-check``: run muP (and SP for comparison); exit 1 when muP fails."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-power coord-check",
+        description="Coordinate check of a LightningModule under muP, with SP side by side. Model, data, optimizer "
+        "and the MuP callback's readout / model_init are read from a lightning-power fit config.",
+    )
+    parser.add_argument("--config", help="a `lightning-power fit` YAML (model, data, optimizer, MuP callback)")
+    parser.add_argument("--model", help="model class path (default: the config's, else lightning_power.demo.GPT)")
+    parser.add_argument("--model-args", nargs="*", default=[], metavar="KEY=VALUE", help="model init overrides")
+    parser.add_argument("--data-args", nargs="*", default=[], metavar="KEY=VALUE", help="data module overrides")
+    parser.add_argument(
+        "--widths",
+        nargs="+",
+        type=int,
+        default=[32, 64, 128, 256],
+        help=">= 4 widths on a x2 grid; the first is the base, the second the delta (default: %(default)s)",
+    )
+    parser.add_argument("--steps", type=int, default=5, help="training steps recorded (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per width, >= 3 (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="a deliberately large LR (default: 2^-6)")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help="default: the config's optimizer, else adamw")
+    parser.add_argument(
+        "--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest |slope| that passes (default: %(default)s)"
+    )
+    parser.add_argument("--no-sp", action="store_true", help="skip the standard-parametrization control run")
+    parser.add_argument("--out", default="coord_check", help="folder for coord_check_{mup,sp}.{json,png}")
+    parser.add_argument("--tensorboard", help="also log the figures to this TensorBoard log dir")
+    args = parser.parse_args(argv)
+
+    config = _load_config(args.config)
+    model_cfg = config.get("model", {})
+    model_cls = _import(args.model or model_cfg.get("class_path", "lightning_power.demo.GPT"))
+    model_args = {**model_cfg.get("init_args", {}), **_key_values(args.model_args, "--model-args")}
+    mup_args = _mup_callback_args(config)
+    optimizer_cfg = config.get("optimizer", {})
+    if args.optimizer:
+        optimizer, optimizer_args = args.optimizer, {}
+    elif optimizer_cfg:
+        optimizer = _import(optimizer_cfg["class_path"])
+        optimizer_args = {k: v for k, v in optimizer_cfg.get("init_args", {}).items() if k != "lr"}
+    else:
+        optimizer, optimizer_args = "adamw", {}
+    batches = _batches(config.get("data", {}), _key_values(args.data_args, "--data-args"), model_args, args.steps)
+
+    results = []
+    for mup in (True,) if args.no_sp else (True, False):
+        result = coord_check(
+            model_cls,
+            args.widths,
+            batches,
+            model_args=model_args,
+            mup=mup,
+            steps=args.steps,
+            seeds=args.seeds,
+            lr=args.lr,
+            optimizer=optimizer,
+            optimizer_args=optimizer_args,
+            readout=mup_args.get("readout"),
+            model_init=mup_args.get("model_init", "fixed_std"),
+            tolerance=args.tolerance,
+        )
+        print(result.table(), end="\n\n")
+        result.save(os.path.join(args.out, f"coord_check_{result.parametrization}"), args.tensorboard)
+        results.append(result)
+    if len(results) == 2 and results[1].passed:
+        print("warning: SP passed too, so this check cannot tell the parametrizations apart; raise --lr or widths")
+    print(f"wrote {os.path.join(args.out, 'coord_check_mup.{json,png}')}" + ("" if args.no_sp else " and _sp"))
+    return 0 if results[0].passed else 1
+
+
+def _load_config(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    with open(path) as file:
+        config = yaml.safe_load(file) or {}
+    if not isinstance(config, dict):
+        raise TypeError(f"--config {path!r} is not a YAML mapping")
+    return config
+
+
+def _mup_callback_args(config: Mapping[str, Any]) -> dict[str, Any]:
+    for callback in config.get("trainer", {}).get("callbacks", None) or []:
+        if isinstance(callback, Mapping) and str(callback.get("class_path", "")).rsplit(".", 1)[-1] == "MuP":
+            return dict(callback.get("init_args", {}))
+    return {}
+
+
+def _batches(
+    data_cfg: Mapping[str, Any], overrides: Mapping[str, Any], model_args: Mapping[str, Any], steps: int
+) -> list[Any]:
+    """The first ``steps`` training batches of the config's data module (default: the demo byte corpus)."""
+    init_args = {**data_cfg.get("init_args", {}), **overrides}
+    if "class_path" not in data_cfg:
+        init_args.setdefault("context_length", model_args.get("context_length", 128))
+        init_args.setdefault("batch_size", 16)
+    datamodule = _import(data_cfg.get("class_path", "lightning_power.demo.ByteCorpus"))(**init_args)
+    datamodule.setup("fit")
+    batches = []
+    for batch in datamodule.train_dataloader():
+        batches.append(batch)
+        if len(batches) == steps:
+            break
+    return batches
+
+
+def _key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} takes KEY=VALUE pairs, got {item!r}")
+        pairs[key] = yaml.safe_load(value)
+    return pairs
+
+
+def _import(class_path: str) -> Any:
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"cannot import {class_path!r}: {error}") from error
+
+
+if __name__ == "__main__":
+    sys.exit(main())

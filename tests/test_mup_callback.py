@@ -1,0 +1,355 @@
+"""The MuP callback in real Trainer runs: groups, init, readout, audit, survival (compile, resume, deepcopy), YAML."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import mup
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_power.cli import LightningPowerCLI
+from lightning_power.demo import GPT
+from lightning_power.mup import MuP, MuPPlan
+from lightning_power.mup.readout import readout_multiplier_of
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = {"depth": 1, "n_heads": 2, "context_length": 8, "attention_scale": "1/d_head"}
+WIDTH, BASE, DELTA = 32, 8, 16  # width multiplier 4
+STEPS = 5
+
+
+def make_gpt(seed: int = 0, width: int = WIDTH) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(width=width, **ARGS)
+
+
+def one_batch() -> DataLoader:
+    """The same batch at every step, so a resumed run sees the same data whatever its dataloader position."""
+    tokens = torch.randint(0, 256, (4, 9), generator=torch.Generator().manual_seed(123))
+    return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=4)
+
+
+class RecordLosses(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def fit(model: pl.LightningModule, callback: MuP, max_steps: int = STEPS, ckpt_path: str | None = None, **kw) -> list:
+    recorder = RecordLosses()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=kw.pop("logger", False),
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[callback, recorder],
+        **kw,
+    )
+    trainer.fit(model, one_batch(), ckpt_path=ckpt_path)
+    return recorder.losses, trainer
+
+
+def mup_callback(**kw) -> MuP:
+    return MuP(**{"base_overrides": {"width": BASE}, "delta_overrides": {"width": DELTA}, "readout": "head", **kw})
+
+
+def reference_losses() -> list[float]:
+    """The same run done by the mup package: MuReadout, set_base_shapes(rescale_params=True), MuAdamW."""
+    model = make_gpt()
+    model.head = mup.MuReadout(WIDTH, 256, bias=False)
+    model.head.weight.data.copy_(make_gpt().head.weight.data)
+    with torch.device("meta"):
+        base, delta = GPT(width=BASE, **ARGS), GPT(width=DELTA, **ARGS)
+        base.head, delta.head = mup.MuReadout(BASE, 256, bias=False), mup.MuReadout(DELTA, 256, bias=False)
+    mup.set_base_shapes(model, base, delta=delta)
+    optimizer = mup.MuAdamW(model.parameters(), lr=model.hparams.learning_rate)
+    inputs, targets = next(iter(one_batch()))
+    losses = []
+    for _ in range(STEPS):
+        loss = model.loss((inputs, targets))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[float]:
+    return reference_losses()
+
+
+def test_groups_init_readout_and_audit(tmp_path: Path) -> None:
+    model = make_gpt()
+    callback = mup_callback()
+    _, trainer = fit(model, callback, max_steps=1, logger=CSVLogger(tmp_path, name="run"))
+    lr = model.hparams.learning_rate
+    names = {id(p): n for n, p in model.named_parameters()}
+    hidden = {
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.proj.weight",
+        "blocks.0.mlp.fc.weight",
+        "blocks.0.mlp.proj.weight",
+    }
+    for group in trainer.optimizers[0].param_groups:
+        for p in group["params"]:
+            assert group["lr"] == (lr / 4 if names[id(p)] in hidden else lr), names[id(p)]
+    assert readout_multiplier_of(model.head).width_mult == 4.0
+    assert "configure_optimizers" not in model.__dict__  # the regrouping wrapper is removed after fit
+    # init: hidden matrices / sqrt(4), the rest as the module drew it (std 0.02); biases and norms stay exact
+    with open(Path(trainer.log_dir) / "mup_params.csv") as file:
+        table = {row["name"]: row for row in csv.DictReader(file)}
+    assert set(table) == {n for n, _ in model.named_parameters()}
+    for name, row in table.items():
+        expected = 0.01 if name in hidden else 0.02
+        if name.endswith("proj.weight"):
+            expected /= math.sqrt(2)  # GPT-2 output projections: std / sqrt(2 * depth)
+        if row["class"] != "vector_like" or "embedding" in name:
+            assert math.isclose(float(row["init_std"]), expected, rel_tol=0.1), name
+        assert row["lr_factor"] == ("0.25" if name in hidden else "1.0"), name
+    assert table["head.weight"]["class"] == "readout" and table["head.weight"]["forward_multiplier"] == "0.25"
+    assert (
+        table["blocks.0.mlp.fc.weight"]["base_shape"] == "32x8"
+        and table["token_embedding.weight"]["base_shape"] == "-x8"
+    )
+    with open(Path(trainer.log_dir) / "metrics.csv") as file:
+        metrics = next(csv.DictReader(file))
+    assert {k: float(v) for k, v in metrics.items() if k.startswith("mup/")} == {
+        "mup/num_vector_like": 12.0,
+        "mup/num_hidden": 4.0,
+        "mup/num_readout": 1.0,
+        "mup/width_mult": 4.0,
+    }
+
+
+def test_eager_compile_resume_and_deepcopy_match_the_mup_package(reference: list[float], tmp_path: Path) -> None:
+    callback_args = {"model_init": "torch_default"}  # the init rescale set_base_shapes(rescale_params=True) does
+    model = make_gpt()
+    eager, _ = fit(model, mup_callback(**callback_args))
+    torch.testing.assert_close(eager, reference, rtol=1e-5, atol=0)
+
+    compiled, _ = fit(torch.compile(make_gpt(), backend="aot_eager"), mup_callback(**callback_args))
+    torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=0)
+
+    first = make_gpt()
+    _, trainer = fit(first, mup_callback(**callback_args), max_steps=2)
+    trainer.save_checkpoint(tmp_path / "step2.ckpt")
+    resumed_model = make_gpt(seed=99)  # other weights: they must come from the checkpoint, and not be re-scaled
+    callback = mup_callback(**callback_args)
+    resumed, _ = fit(resumed_model, callback, ckpt_path=str(tmp_path / "step2.ckpt"))
+    torch.testing.assert_close(resumed, reference[2:], rtol=1e-5, atol=0)
+    assert callback._restored_plan == callback.plan
+
+    # inference outside the Trainer (docs/mup.md): the plan from the checkpoint puts the readout multiplier back
+    checkpoint = torch.load(tmp_path / "step2.ckpt", weights_only=True)
+    loaded = make_gpt(seed=7)
+    loaded.load_state_dict(checkpoint["state_dict"])
+    MuPPlan.from_dict(checkpoint["callbacks"]["MuP"]["plan"]).attach_readouts(loaded)
+    probe = torch.randint(0, 256, (2, 8))
+    assert torch.equal(loaded(probe), first(probe))
+
+    tokens = torch.randint(0, 256, (2, 8))
+    twin = copy.deepcopy(model)  # as SWA / EMA callbacks do
+    assert torch.equal(twin(tokens), model(tokens))
+    twin.head._forward_pre_hooks.clear()
+    assert not torch.allclose(twin(tokens), model(tokens))  # the copied hook is what keeps the 1/width logits
+
+
+def test_mup_changes_training(reference: list[float]) -> None:
+    """Guard for the test above: the reference is not what the plain module does."""
+    plain = RecordLosses()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=STEPS,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[plain],
+    )
+    trainer.fit(make_gpt(), one_batch())
+    assert not math.isclose(plain.losses[-1], reference[-1], rel_tol=1e-3)
+
+
+def test_resume_with_another_base_or_without_mup_state_fails(tmp_path: Path) -> None:
+    _, trainer = fit(make_gpt(), mup_callback(), max_steps=1)
+    trainer.save_checkpoint(tmp_path / "mup.ckpt")
+    with pytest.raises(ValueError, match=r"checkpoint's muP plan differs.*base \[.*, 8\].* vs .*base \[.*, 16\]"):
+        fit(
+            make_gpt(),
+            mup_callback(base_overrides={"width": 16}, delta_overrides={"width": 8}),
+            max_steps=2,
+            ckpt_path=str(tmp_path / "mup.ckpt"),
+        )
+    plain = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    plain.fit(make_gpt(), one_batch())
+    plain.save_checkpoint(tmp_path / "sp.ckpt")
+    with pytest.raises(RuntimeError, match="holds no muP state"):
+        fit(make_gpt(), mup_callback(), max_steps=2, ckpt_path=str(tmp_path / "sp.ckpt"))
+
+
+def test_parameter_created_after_setup_is_an_error_at_optimizer_time() -> None:
+    class Late(GPT):
+        def configure_model(self) -> None:
+            if not hasattr(self, "late"):
+                self.late = nn.Linear(4, 4)
+
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"'late.weight'.* is not in the muP plan"):
+        fit(Late(width=WIDTH, **ARGS), mup_callback(), max_steps=1)
+
+
+def test_base_model_and_base_shapes_give_the_same_plan(tmp_path: Path) -> None:
+    with torch.device("meta"):
+        base, delta = GPT(width=BASE, **ARGS), GPT(width=DELTA, **ARGS)
+    by_model = MuP(base_model=base, delta_model=delta, readout="head")
+    fit(make_gpt(), by_model, max_steps=1)
+    base.head, delta.head = (mup.MuReadout(w, 256, bias=False, device="meta") for w in (BASE, DELTA))
+    mup.make_base_shapes(base, delta, savefile=str(tmp_path / "gpt.bsh"))
+    by_file = MuP(base_shapes=tmp_path / "gpt.bsh")  # readout auto-detected: the only width -> 256 nn.Linear
+    fit(make_gpt(), by_file, max_steps=1)
+    by_overrides = mup_callback()
+    fit(make_gpt(), by_overrides, max_steps=1)
+    assert by_model.plan == by_file.plan == by_overrides.plan
+
+
+@pytest.mark.parametrize("config", ["gpt_mup.yaml", "gpt_mup_power.yaml"])
+def test_yaml_config_regroups_the_cli_optimizer_and_scheduler(config: str, tmp_path: Path) -> None:
+    cli = LightningPowerCLI(
+        args=[
+            "fit",
+            "--config",
+            str(REPO / "examples" / "configs" / config),
+            "--model.init_args.width=64",
+            "--model.init_args.depth=1",
+            "--model.init_args.head_dim=16",
+            "--model.init_args.context_length=16",
+            "--data.init_args.context_length=16",
+            "--data.init_args.batch_size=4",
+            "--data.init_args.max_bytes=20000",
+            "--data.init_args.max_val_bytes=2048",
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=0",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.accelerator=cpu",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--lr_scheduler.init_args.tokens_per_step=64" if "power" in config else "--trainer.log_every_n_steps=1",
+        ]
+    )
+    optimizer = cli.trainer.optimizers[0]
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    names = {id(p): n for n, p in cli.model.named_parameters()}
+    factors = {names[id(p)]: g["mup_lr_factor"] for g in optimizer.param_groups for p in g["params"]}
+    assert factors["blocks.0.mlp.fc.weight"] == 0.5 and factors["head.weight"] == 1.0  # width 64 over base 32
+    assert [base / g["mup_lr_factor"] for base, g in zip(scheduler.base_lrs, optimizer.param_groups)] == [0.02] * 2
+    ratio = optimizer.param_groups[1]["lr"] / optimizer.param_groups[0]["lr"]
+    assert math.isclose(ratio, optimizer.param_groups[1]["mup_lr_factor"], rel_tol=1e-12)  # the schedule keeps muP's
+    assert (Path(cli.trainer.log_dir) / "mup_params.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "exactly one of base_overrides, base_model, base_shapes"),
+        ({"base_overrides": {"width": 8}, "base_shapes": "x.bsh"}, "exactly one of"),
+        ({"base_overrides": {}}, "base_overrides must be a non-empty mapping"),
+        (
+            {"base_overrides": {"width": 8}, "delta_overrides": {"width": 16}, "delta_model": nn.Linear(1, 1)},
+            "delta_overrides or delta_model",
+        ),
+        ({"base_shapes": "missing.bsh"}, "is not a file"),
+        ({"base_overrides": {"width": 8}, "readout": ""}, "readout must be"),
+        ({"base_overrides": {"width": 8}, "model_init": "xavier"}, "model_init must be one of"),
+        ({"base_overrides": {"width": 8}, "optimizer_family": "lion"}, "optimizer_family must be one of"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MuP(**kwargs)
+
+
+def test_base_overrides_need_rebuildable_hparams() -> None:
+    class NoHparams(pl.LightningModule):
+        def __init__(self, width: int = 16) -> None:
+            super().__init__()
+            self.head = nn.Linear(width, 3)
+
+        def training_step(self, batch, batch_idx):
+            return self.head(torch.ones(1, self.head.in_features)).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.raises(ValueError, match="call self.save_hyperparameters()"):
+        fit(NoHparams(), mup_callback(), max_steps=1)
+    with pytest.raises(ValueError, match=r"keys \['wdith'\] are not hyper-parameters of GPT"):
+        fit(make_gpt(), mup_callback(base_overrides={"wdith": 8}), max_steps=1)
+
+
+@pytest.mark.distributed
+def test_two_process_fsdp_and_fsdp2_give_the_same_mup_run(tmp_path: Path) -> None:
+    """The shard-specific paths, FSDP1 flat-parameter views named ``blocks.0._fsdp_wrapped_module.*`` and FSDP2
+    DTensors, regroup and train the same: same muP LR groups, same losses."""
+    from tests.helpers.callbacks import read_records
+    from tests.helpers.jobs import CONFIGS, run_cli
+
+    runs = {}
+    for strategy in ("fsdp", "fsdp2"):
+        folder = tmp_path / strategy
+        folder.mkdir()
+        run_cli(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "gpt_mup.yaml"),
+                "--config",
+                str(CONFIGS / f"strategy_{strategy}.yaml"),
+                "--model.init_args.width=64",
+                "--model.init_args.depth=1",
+                "--model.init_args.head_dim=16",
+                "--model.init_args.context_length=16",
+                "--data.init_args.context_length=16",
+                "--data.init_args.batch_size=4",
+                "--data.init_args.max_bytes=100000",
+                "--data.init_args.max_val_bytes=4096",
+                "--trainer.max_steps=4",
+                "--trainer.limit_val_batches=0",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.accelerator=cpu",
+                "--trainer.devices=2",
+                "--trainer.logger=false",
+                "--trainer.enable_checkpointing=false",
+                "--trainer.callbacks=tests.helpers.callbacks.RecordSteps",
+                "--trainer.callbacks.path=steps.jsonl",
+                "--trainer.callbacks+=lightning_power.mup.MuP",
+                "--trainer.callbacks.base_overrides={width: 32}",
+                "--trainer.callbacks.delta_overrides={width: 64}",
+                "--trainer.callbacks.readout=head",
+            ],
+            folder,
+        )
+        runs[strategy] = read_records(folder / "steps.jsonl")
+    assert sorted(runs["fsdp"]) == sorted(runs["fsdp2"]) == [1, 2, 3, 4]
+    for step, record in runs["fsdp"].items():
+        torch.testing.assert_close(runs["fsdp2"][step]["loss"], record["loss"], rtol=1e-5, atol=0)
+        assert runs["fsdp2"][step]["lrs"] == record["lrs"]
+        assert [lr / record["lrs"][0] for lr in record["lrs"]] == [1.0, 0.5]  # hidden matrices: 32 / 64
