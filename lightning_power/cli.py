@@ -20,10 +20,12 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import MethodType
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI, ReduceLROnPlateau, instantiate_class
 
@@ -32,6 +34,7 @@ TOOLS: dict[str, str] = {
     "coord-check": "lightning_power.mup.coord_check:main",
     "sparsity-overlap": "lightning_power.sparsity.overlap:main",
     "recommend": "lightning_power.recommend:main",
+    "calibrate": "lightning_power.calibrate:main",
 }
 
 
@@ -59,6 +62,34 @@ class LightningPowerCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(*args, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        self._refuse_changed_model_on_resume()
+        super()._parse_ckpt_path()
+
+    def _refuse_changed_model_on_resume(self) -> None:
+        """A resume whose config changes the checkpoint's model (width, depth, ...) is an error, not a silent no-op.
+
+        LightningCLI rebuilds the model from a checkpoint file's saved hyper-parameters and drops the config's without
+        a word; a sharded checkpoint folder instead fails deep inside loading. Both hide the user's mistake.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        model = self.config[subcommand].get("model") if subcommand else None
+        init_args = getattr(model, "init_args", None)
+        if not isinstance(ckpt_path, str) or init_args is None:
+            return
+        saved = _saved_model_hparams(ckpt_path)
+        changed = [
+            f"{key}={value!r} (checkpoint: {saved[key]!r})"
+            for key, value in vars(init_args).items()
+            if key in saved and value != saved[key]
+        ]
+        if changed:
+            self.parser.error(
+                f"--ckpt_path {ckpt_path}: this config changes the checkpoint's model: {', '.join(changed)}. A resume "
+                "continues the checkpoint's model; drop these changes, or start a new run without --ckpt_path"
+            )
+
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         optimizer_init = self._get(self.config_init, "optimizer")
         if not self.auto_configure_optimizers or not optimizer_init:
@@ -81,6 +112,18 @@ class LightningPowerCLI(LightningCLI):
 def _load_tool(target: str) -> Callable[[list[str]], int]:
     module_name, function_name = target.split(":")
     return getattr(importlib.import_module(module_name), function_name)
+
+
+def _saved_model_hparams(ckpt_path: str) -> dict[str, Any]:
+    """The LightningModule hyper-parameters saved in a checkpoint file or a sharded checkpoint folder ({} if none)."""
+    path = Path(ckpt_path)
+    if path.is_dir():
+        path = path / "meta.pt"  # Lightning's sharded checkpoints keep everything but the tensors here
+    if not path.is_file():
+        return {}
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    return {key: value for key, value in hparams.items() if not key.startswith("_")}
 
 
 def main(argv: list[str] | None = None) -> int:

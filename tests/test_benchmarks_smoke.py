@@ -1,0 +1,219 @@
+"""The benchmarks run end to end on a tiny grid and write valid JSON with the documented keys; their sweep and analysis
+logic gives known answers on synthetic losses."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+TINY = [
+    "--quick",
+    "--device",
+    "cpu",
+    "--workers",
+    "1",
+    "--context-length",
+    "16",
+    "--depth",
+    "1",
+    "--val-windows",
+    "8",
+    "--base-width",
+    "16",
+]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """Import benchmark scripts by name (they import their sibling ``common``)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import importlib
+
+    return importlib.import_module
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"non-strict JSON constant {name}"))
+
+
+def test_mup_transfer_smoke(bench, tmp_path):
+    mup_transfer = bench("mup_transfer")
+    argv = [
+        *TINY,
+        "--widths",
+        "16",
+        "32",
+        "--log2-lrs",
+        "-7",
+        "-5",
+        "-3",
+        "--seeds",
+        "2",
+        "--refine",
+        "1",
+        "--steps",
+        "6",
+        "--warmup",
+        "2",
+        "--batch-size",
+        "4",
+        "--out",
+        str(tmp_path),
+    ]
+    assert mup_transfer.main(argv) == 0
+    result = load(tmp_path / "mup_transfer_quick.json")
+    assert result["complete"] and (tmp_path / "mup_transfer_quick.png").stat().st_size > 0
+    for param in ("sp", "mup"):
+        assert set(result["optimal_log2_lr"][param]) == {"16", "32"}
+        assert math.isfinite(result["drift_log2"][param])
+        assert set(result["best_loss"][param]) == {"16", "32"}
+    assert {"torch", "lightning", "python", "device", "date_utc", "command"} <= set(result["environment"])
+    assert result["config"]["overrides"]["widths"] == [16, 32]
+    seeds = {(r["parametrization"], r["width"], r["seed"]) for r in result["runs"]}
+    assert ("mup", 32, 1) in seeds  # the refinement seed ran
+
+
+def test_calibrate_power_smoke(bench, tmp_path):
+    calibrate_power = bench("calibrate_power")
+    argv = [
+        *TINY,
+        "--width",
+        "32",
+        "--batch-sizes",
+        "2",
+        "4",
+        "--token-budgets",
+        "256",
+        "512",
+        "--log2-lrs",
+        "-7",
+        "-5",
+        "-3",
+        "--seeds",
+        "1",
+        "--warmup-tokens",
+        "64",
+        "--out",
+        str(tmp_path),
+    ]
+    calibrate_power.main(argv)  # a 4-cell toy sweep may leave too few interior optima to fit: both are reported
+    result = load(tmp_path / "calibrate_power_quick.json")
+    assert result["complete"] and len(result["optima"]) == 4
+    assert all({"batch_tokens", "tokens", "lr", "loss", "seed"} <= set(r) for r in result["runs"])
+    if result["fit"] is None:
+        assert "interior cells" in result["fit_error"]
+    else:
+        assert {"a", "b", "a_stderr", "b_stderr"} <= set(result["fit"]) and "PowerScheduler" in result["yaml"]
+
+
+def test_schedule_transfer_smoke(bench, tmp_path):
+    schedule_transfer = bench("schedule_transfer")
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps({"fit": {"a": 9.0, "b": -0.5}, "lr_max": 0.05}))
+    argv = [
+        *TINY,
+        "--width",
+        "32",
+        "--batch-sizes",
+        "2",
+        "4",
+        "--token-budgets",
+        "256",
+        "512",
+        "--grid-halfwidth",
+        "1",
+        "--seeds",
+        "1",
+        "--warmup-tokens",
+        "64",
+        "--calibration",
+        str(calibration),
+        "--out",
+        str(tmp_path),
+    ]
+    assert schedule_transfer.main(argv) == 0
+    result = load(tmp_path / "schedule_transfer_quick.json")
+    cells = {"batch2_tokens256", "batch2_tokens512", "batch4_tokens256", "batch4_tokens512"}
+    assert set(result["power_gap_vs_best_wsd"]) == cells
+    assert result["power"]["a"] == 9.0 and result["power"]["source"] == str(calibration)
+    for cell, gap in result["power_gap_vs_best_wsd"].items():
+        entry = result["cells"][cell]
+        assert gap == pytest.approx(entry["power"]["loss"] / entry["wsd"]["best_loss"] - 1)
+    assert {"power_within_1pct_of_best_wsd_in_every_cell"} == set(result["goals"])
+    power_run = next(r for r in result["runs"] if r["schedule"] == "power")
+    assert power_run["curve"][0][2] < 0.05  # warmup starts below lr_max
+
+
+def test_lr_sweep_extends_past_an_edge_then_refines_around_the_best(bench):
+    sweep = bench("common").LRSweep(seeds=3, refine=3)
+    assert sweep.start("g", [-6, -5, -4]) == [(-6, 0), (-5, 0), (-4, 0)]
+    loss = {-7: 2.6, -6: 2.4, -5: 2.2, -4: 2.1, -3: 2.0, -2: 2.3}.get
+    assert sweep.record("g", -6, 0, loss(-6)) == [] and sweep.record("g", -5, 0, loss(-5)) == []
+    assert sweep.record("g", -4, 0, loss(-4)) == [(-3, 0)]  # best at the upper edge: extend
+    follow = sweep.record("g", -3, 0, loss(-3))
+    assert follow == [(-2, 0)]
+    follow = sweep.record("g", -2, 0, loss(-2))  # -3 is now inside: seeds 1 and 2 at -4, -3, -2
+    assert sorted(follow) == sorted((x, s) for x in (-4, -3, -2) for s in (1, 2))
+    assert sweep.record("g", -3, 1, 2.0) == []
+
+
+def test_mup_transfer_analysis_finds_the_drift_of_synthetic_optima(bench):
+    mup_transfer = bench("mup_transfer")
+    runs = []
+    for width in (32, 64, 128, 256):
+        optimum = {"sp": -5 - math.log2(width / 32), "mup": -5.2}  # SP's optimum falls 1 log2 unit per doubling
+        for param, best in optimum.items():
+            for x in range(-10, -1):
+                loss = 2.0 - 0.01 * math.log2(width) + 0.05 * (x - best) ** 2
+                run = {"parametrization": param, "width": width, "log2_lr": float(x), "seed": 0, "val_loss": loss}
+                runs.append(run | {"stopped_early": False})
+    # a run that blew up and was stopped counts as diverged, whatever loss it had when it stopped
+    blown_up = {
+        "parametrization": "sp",
+        "width": 256,
+        "log2_lr": -1.0,
+        "seed": 0,
+        "val_loss": 0.5,
+        "stopped_early": True,
+    }
+    runs.append(blown_up)
+    summary = mup_transfer.analyze(runs)
+    assert summary["drift_log2"]["sp"] == pytest.approx(-3.0, abs=1e-9)
+    assert summary["drift_log2"]["mup"] == pytest.approx(0.0, abs=1e-9)
+    assert summary["optimal_log2_lr"]["mup"][256] == pytest.approx(-5.2, abs=1e-9)
+    goals = summary["goals"]
+    assert goals["mup_drift_within_0.5"]["met"] and goals["sp_optimum_moves_more_than_0.5"]["met"]
+    assert goals["mup_wider_better_at_transferred_lr"]["met"]
+    # muP at the widest width, at the LR transferred from the narrowest (2^-5), vs SP's best there (2^-8)
+    quality = goals["mup_widest_within_1pct_of_sp_best"]
+    assert quality["mup_transferred_vs_sp_best"] == pytest.approx(0.05 * 0.2**2 / (2.0 - 0.08), rel=1e-9)
+    assert quality["met"]
+
+
+@pytest.mark.distributed
+def test_gpu_check_runs_on_cpu_and_reports_every_comparison(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers.jobs import job_env
+
+    out = tmp_path / "gpu_check.json"
+    smoke = ["--accelerator", "cpu", "--precision", "32-true", "--steps", "4", "--width", "64", "--depth", "1"]
+    smoke += ["--context", "16", "--global-batch", "8", "--out", str(out)]
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu_check.py"), *smoke],
+        cwd=tmp_path,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = load(out)
+    compared = [row["run"] for row in report["runs"] if "passed" in row]
+    assert compared == ["fsdp x1", "fsdp2 x1", "single, SIGKILL + resume"] and report["passed"] is True
+    for row in report["runs"][1:]:
+        assert row["lrs_equal"] and row["tokens_equal"] and row["max_loss_rel_diff"] < 1e-5
+    assert "all passed: yes" in result.stdout

@@ -1,0 +1,199 @@
+"""``lightning_power.calibrate`` against ground truth: synthetic sweeps built from known a, b recover them."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from lightning_power.calibrate import (
+    CellOptimum,
+    SweepRun,
+    cell_optima,
+    fit_power_law,
+    main,
+    optimal_log2_lr,
+    read_runs,
+)
+from lightning_power.schedulers import PowerScheduler
+
+A, B = 4.6, -0.51  # the paper's RedPajama fit (arXiv 2408.13359, Eq. 5)
+BATCHES = (2048, 8192, 32768)  # tokens per step: beta = 0.5, 2, 8
+TOKENS = (1e6, 4e6, 1.6e7, 6.4e7)
+
+
+def true_log2_lr(batch_tokens, tokens, a=A, b=B, batch_exponent=1.0):
+    return math.log2(a * (batch_tokens / 4096) ** batch_exponent * tokens**b)
+
+
+def synthetic_sweep(batch_exponent=1.0, grid=range(-16, 1)):
+    """Losses exactly quadratic in log2(lr) around the true optimum: the parabola vertex is exact."""
+    optimum = {(b, t): true_log2_lr(b, t, batch_exponent=batch_exponent) for b in BATCHES for t in TOKENS}
+    return [
+        SweepRun(batch, tokens, 2.0**k, 2.5 + 0.07 * (k - optimum[batch, tokens]) ** 2)
+        for batch in BATCHES
+        for tokens in TOKENS
+        for k in grid
+    ]
+
+
+def test_parabola_vertex_on_an_uneven_grid():
+    xs = [-8.0, -7.0, -6.5, -5.0, -4.0, -2.5]
+    losses = [2.0 + 0.3 * (x + 5.3) ** 2 for x in xs]
+    log2_lr, interior = optimal_log2_lr([2.0**x for x in reversed(xs)], list(reversed(losses)))  # any order
+    assert interior
+    assert log2_lr == pytest.approx(-5.3, abs=1e-9)
+
+
+def test_edge_and_diverged_optima_are_flagged():
+    lrs = [1e-4, 1e-3, 1e-2]
+    assert optimal_log2_lr(lrs, [1.0, 2.0, 3.0]) == (math.log2(1e-4), False)
+    assert optimal_log2_lr(lrs, [3.0, 2.0, 1.0]) == (math.log2(1e-2), False)
+    # the best point's neighbour diverged: no parabola, the grid point comes back, flagged
+    assert optimal_log2_lr(lrs + [1e-1], [3.0, 2.0, 1.0, math.nan]) == (math.log2(1e-2), False)
+    with pytest.raises(ValueError, match="every run diverged"):
+        optimal_log2_lr(lrs, [math.inf, math.nan, math.inf])
+    with pytest.raises(ValueError, match="distinct"):
+        optimal_log2_lr([1e-3, 1e-3, 1e-2], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="> 0"):
+        optimal_log2_lr([0.0, 1e-3, 1e-2], [1.0, 2.0, 3.0])
+
+
+def test_cell_optima_average_seeds_and_count_a_diverged_seed_as_diverged():
+    runs = [SweepRun(4096, 1e6, 2.0**k, 1.0 + (k + 5) ** 2) for k in (-7, -6, -5, -4, -3)]
+    runs += [SweepRun(4096, 1e6, 2.0**k, 1.0 + (k + 5) ** 2 + 0.5 * (k == -4)) for k in (-6, -5, -4)]  # 2nd seed
+    (cell,) = cell_optima(runs)
+    # means: -6 -> 2, -5 -> 1, -4 -> 2.25; the vertex of the parabola through three points spaced by 1 is
+    # x_mid - (y_right - y_left) / (2 (y_right - 2 y_mid + y_left)) = -5 - 0.25 / (2 * 2.25)
+    assert cell.interior and math.log2(cell.lr) == pytest.approx(-5 - 0.25 / 4.5, abs=1e-9)
+    (cell,) = cell_optima(runs + [SweepRun(4096, 1e6, 2.0**-4, math.nan)])
+    assert not cell.interior and math.log2(cell.lr) == -5
+
+
+def test_fit_recovers_a_and_b_exactly_from_a_synthetic_sweep():
+    optima = cell_optima(synthetic_sweep())
+    assert len(optima) == len(BATCHES) * len(TOKENS) and all(c.interior for c in optima)
+    for c in optima:
+        assert math.log2(c.lr) == pytest.approx(true_log2_lr(c.batch_tokens, c.tokens), abs=1e-9)
+    fit = fit_power_law(optima)
+    assert fit.a == pytest.approx(A, rel=1e-9)
+    assert fit.b == pytest.approx(B, abs=1e-10)
+    assert fit.b_stderr < 1e-9 and fit.log_a_stderr < 1e-8
+    assert fit.batch_exponent == pytest.approx(1.0, abs=1e-9)
+    # the fitted LR is the law's: beta * a * T^b, e.g. 2 * 4.6 * (1e9)^-0.51
+    assert fit.lr(8192, 1e9) == pytest.approx(2 * 4.6 * 1e9**-0.51, rel=1e-9)
+
+
+def test_batch_exponent_reveals_a_law_other_than_linear_in_batch():
+    fit = fit_power_law(cell_optima(synthetic_sweep(batch_exponent=0.5)))
+    assert fit.batch_exponent == pytest.approx(0.5, abs=1e-9)
+    assert fit.b == pytest.approx(B, abs=1e-9)  # the T exponent is still right; a absorbs the averaged batch
+
+
+def test_standard_errors_match_the_spread_of_refits_under_noise():
+    rng = np.random.default_rng(0)
+    sigma = 0.2  # noise of ln(eta_opt)
+    estimates, reported_b, reported_log_a = [], [], []
+    for _ in range(400):
+        optima = [
+            CellOptimum(
+                batch, tokens, math.exp(math.log(2) * true_log2_lr(batch, tokens) + sigma * rng.standard_normal()), True
+            )
+            for batch in BATCHES
+            for tokens in TOKENS
+        ]
+        fit = fit_power_law(optima)
+        estimates.append((math.log(fit.a), fit.b))
+        reported_b.append(fit.b_stderr)
+        reported_log_a.append(fit.log_a_stderr)
+    log_a, b = np.array(estimates).T
+    assert np.mean(b) == pytest.approx(B, abs=0.01)  # unbiased
+    assert np.mean(log_a) == pytest.approx(math.log(A), abs=0.1)
+    assert np.mean(reported_b) == pytest.approx(np.std(b), rel=0.1)
+    assert np.mean(reported_log_a) == pytest.approx(np.std(log_a), rel=0.1)
+
+
+def test_edge_cells_are_left_out_and_too_few_cells_fail():
+    optima = [CellOptimum(4096, t, 4.6 * t**-0.51, True) for t in (1e6, 4e6, 1.6e7)]
+    edge = CellOptimum(4096, 6.4e7, 1.0, False)
+    fit = fit_power_law([*optima, edge])
+    assert fit.excluded == (edge,) and len(fit.cells) == 3
+    assert fit.a == pytest.approx(4.6, rel=1e-9)
+    with pytest.raises(ValueError, match="interior cells over"):
+        fit_power_law([*optima[:2], edge])
+    with pytest.raises(ValueError, match="2 token counts"):
+        fit_power_law([CellOptimum(b, 1e6, 1e-3 * b, True) for b in (1024, 2048, 4096)])
+
+
+def test_scheduler_yaml_gives_a_power_scheduler_that_follows_the_fit():
+    fit = fit_power_law(cell_optima(synthetic_sweep()))
+    text = fit.scheduler_yaml(lr_max=0.01, tokens_per_step=8192, warmup_tokens=0)
+    config = yaml.safe_load(text)
+    assert config["lr_scheduler"]["class_path"] == "lightning_power.schedulers.PowerScheduler"
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), **config["optimizer"]["init_args"])
+    scheduler = PowerScheduler(optimizer, **config["lr_scheduler"]["init_args"])
+    for _ in range(999):
+        optimizer.step()
+        scheduler.step()
+    # step 1000 has seen 1000 * 8192 tokens: LR = min(0.01, beta * a * n^b) with beta = 2, by hand
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(min(0.01, 2 * 4.6 * (1000 * 8192) ** -0.51), rel=1e-5)
+    with_decay = yaml.safe_load(fit.scheduler_yaml(lr_max=0.01, total_tokens=10**9))["lr_scheduler"]["init_args"]
+    assert with_decay["decay_tokens"] == 10**8 and with_decay["decay_shape"] == "exponential"
+    with pytest.raises(ValueError, match="lr_max"):
+        fit.scheduler_yaml(lr_max=0.0)
+
+
+def test_command_line_reads_a_csv_and_prints_the_fit_and_yaml(tmp_path, capsys):
+    path = tmp_path / "runs.csv"
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["batch_tokens", "tokens", "lr", "loss", "seed"])
+        writer.writerows([r.batch_tokens, r.tokens, r.lr, r.loss, 0] for r in synthetic_sweep())
+    assert main([str(path), "--tokens-per-step", "8192"]) == 0
+    output = capsys.readouterr().out
+    assert "a = 4.6 +- " in output and "b = -0.5100" in output
+    config = yaml.safe_load(output)  # the table lines are YAML comments
+    assert config["lr_scheduler"]["init_args"]["a"] == pytest.approx(4.6, rel=1e-5)
+    assert config["lr_scheduler"]["init_args"]["lr_max"] == pytest.approx(
+        max(2.0 ** true_log2_lr(b, t) for b in BATCHES for t in TOKENS), rel=1e-5
+    )
+
+
+def test_runs_from_json_with_a_diverged_run(tmp_path, capsys):
+    records = [
+        {"batch_tokens": r.batch_tokens, "tokens": r.tokens, "lr": r.lr, "loss": r.loss} for r in synthetic_sweep()
+    ]
+    records.append({"batch_tokens": 2048, "tokens": 1e6, "lr": 2.0, "loss": None})
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"runs": records}))
+    runs = read_runs(path)
+    assert runs[-1].loss == math.inf and len(runs) == len(records)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("batch_tokens,tokens,lr\n4096,1e6,0.01\n")
+    with pytest.raises(SystemExit):
+        main([str(bad)])
+    assert "lacks ['loss']" in capsys.readouterr().err
+
+
+def test_a_law_whose_lr_grows_with_tokens_gives_no_scheduler(tmp_path, capsys):
+    optima = [CellOptimum(4096, t, 0.01 * (t / 1e6) ** 0.3, True) for t in (1e6, 4e6, 1.6e7)]
+    fit = fit_power_law(optima)
+    assert fit.b == pytest.approx(0.3, abs=1e-9)  # reported as measured
+    with pytest.raises(ValueError, match="b = 0.3 .* is not negative"):
+        fit.scheduler_yaml(lr_max=0.01)
+    path = tmp_path / "runs.json"
+    path.write_text(
+        json.dumps(
+            [
+                {"batch_tokens": 4096, "tokens": c.tokens, "lr": 2.0**k, "loss": 1.0 + (k - math.log2(c.lr)) ** 2}
+                for c in optima
+                for k in range(-12, 0)
+            ]
+        )
+    )
+    assert main([str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "b = 0.3000" in captured.out and "no PowerScheduler YAML" in captured.err
