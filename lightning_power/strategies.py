@@ -43,6 +43,10 @@ class _AtomicShardedSave:
         self.barrier("lightning_power.checkpoint.staging_clean")
         super().save_checkpoint(checkpoint, staging, storage_options)
         self.barrier("lightning_power.checkpoint.staged")
+        self._swap_into_place(staging, path)
+
+    def _swap_into_place(self, staging: Path, path: Path) -> None:
+        """Every rank has written its shards to ``staging``; make it the checkpoint at ``path``."""
         if self.global_rank == 0:
             replace_path(staging, path)
         self.barrier("lightning_power.checkpoint.swapped")

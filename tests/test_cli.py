@@ -2,7 +2,6 @@ import math
 
 import lightning.pytorch as pl
 import pytest
-import torch
 
 from lightning_power.cli import main
 from tests.helpers.jobs import CONFIGS, read_metrics
@@ -37,8 +36,16 @@ def test_print_config_parses_the_demo_config(capsys):
 
 
 def test_short_fit_logs_validation_bpb_and_writes_a_checkpoint(tmp_path):
-    main(["fit", "--config", DEMO, *tiny_cli_args(max_steps=6), "--trainer.callbacks+=ModelCheckpoint",
-          "--trainer.callbacks.save_last=true"])
+    main(
+        [
+            "fit",
+            "--config",
+            DEMO,
+            *tiny_cli_args(max_steps=6),
+            "--trainer.callbacks+=ModelCheckpoint",
+            "--trainer.callbacks.save_last=true",
+        ]
+    )
     metrics = read_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
     val_loss, val_bpb = metrics["val/loss"][-1][1], metrics["val/bpb"][-1][1]
     assert val_bpb == pytest.approx(val_loss / math.log(2), rel=1e-5)
@@ -50,17 +57,36 @@ def test_short_fit_logs_validation_bpb_and_writes_a_checkpoint(tmp_path):
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_yaml_scheduler_steps_once_per_optimizer_step(accumulate):
     # LinearLR from 0.25x to 1x over 4 steps: the LR of optimizer step k is lr * (0.25 + 0.75 * min(k, 4) / 4).
-    main(["fit", "--config", DEMO, *tiny_cli_args(max_steps=6), "--trainer.logger=false",
-          f"--trainer.accumulate_grad_batches={accumulate}", "--optimizer.lr=0.01",
-          "--lr_scheduler=torch.optim.lr_scheduler.LinearLR", "--lr_scheduler.start_factor=0.25",
-          "--lr_scheduler.total_iters=4", "--trainer.callbacks+=tests.test_cli.RecordLR"])
+    main(
+        [
+            "fit",
+            "--config",
+            DEMO,
+            *tiny_cli_args(max_steps=6),
+            "--trainer.logger=false",
+            f"--trainer.accumulate_grad_batches={accumulate}",
+            "--optimizer.lr=0.01",
+            "--lr_scheduler=torch.optim.lr_scheduler.LinearLR",
+            "--lr_scheduler.start_factor=0.25",
+            "--lr_scheduler.total_iters=4",
+            "--trainer.callbacks+=tests.test_cli.RecordLR",
+        ]
+    )
     expected = [0.01 * (0.25 + 0.75 * min(k, 4) / 4) for k in range(6)]
     assert RecordLR.lrs == pytest.approx(expected, rel=1e-12)
 
 
 def test_yaml_optimizer_is_built_over_the_parameters_the_trainer_trains():
-    main(["fit", "--config", DEMO, *tiny_cli_args(max_steps=1), "--trainer.logger=false",
-          "--trainer.callbacks+=tests.test_cli.RecordLR"])
+    main(
+        [
+            "fit",
+            "--config",
+            DEMO,
+            *tiny_cli_args(max_steps=1),
+            "--trainer.logger=false",
+            "--trainer.callbacks+=tests.test_cli.RecordLR",
+        ]
+    )
     assert RecordLR.optimizer_params_are_module_params == [True]
 
 

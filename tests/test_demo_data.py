@@ -83,3 +83,27 @@ def test_ranks_split_each_global_batch_and_resume_at_the_exact_sample():
     assert list(resumed) == single[10:] and len(resumed) == len(single) - 10
     resumed.set_epoch(1)  # later epochs are whole again
     assert len(list(resumed)) == len(single)
+
+
+def test_resume_on_fewer_processes_with_the_same_global_batch_continues_at_the_next_samples():
+    corpus = ByteCorpus(**{**TINY_DATA, "batch_size": 8})  # no trainer: one process
+    corpus.setup("fit")
+    single = list(ResumableShuffleSampler(corpus.train_set, num_replicas=1, rank=0, seed=0))
+    # Written by 2 processes x 4 sequences after 3 steps: 24 samples of the epoch's order are consumed.
+    corpus.load_state_dict({"epoch": 0, "batches": 3, "batch_size": 4, "world_size": 2})
+    inputs, _ = next(iter(corpus.train_dataloader()))
+    expected = torch.stack([corpus.train_set[i][0] for i in single[24:32]])
+    assert torch.equal(inputs, expected)
+
+
+@pytest.mark.parametrize(("batch_size", "world_size"), [(4, 1), (8, 2)])
+def test_resume_with_another_global_batch_is_refused(batch_size, world_size):
+    corpus = ByteCorpus(**{**TINY_DATA, "batch_size": 8})
+    corpus.setup("fit")
+    corpus.load_state_dict({"epoch": 0, "batches": 3, "batch_size": batch_size, "world_size": world_size})
+    with pytest.raises(
+        ValueError,
+        match=rf"changed global batch \(batch_size x processes\): {batch_size} x "
+        rf"{world_size} -> 8 x 1",
+    ):
+        corpus.train_dataloader()

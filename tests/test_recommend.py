@@ -42,8 +42,14 @@ def test_the_cli_dispatches_recommend(capsys):
     assert "class_path: lightning_power.PowerScheduler" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["--params", "0", "--tokens", "1e9"], ["--params", "1e8"],
-                                  ["--params", "1e8", "--tokens", "1e9", "--sequence-length", "0"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--params", "0", "--tokens", "1e9"],
+        ["--params", "1e8"],
+        ["--params", "1e8", "--tokens", "1e9", "--sequence-length", "0"],
+    ],
+)
 def test_bad_input_exits_with_a_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

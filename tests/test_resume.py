@@ -13,12 +13,20 @@ from tests.helpers.tiny import tiny_cli_args
 
 def _fit_args(records, extra=()):
     return [
-        "fit", "--config", str(CONFIGS / "gpt_demo.yaml"), *tiny_cli_args(max_steps=8), "--trainer.logger=false",
-        "--trainer.val_check_interval=100", "--trainer.limit_val_batches=0",
-        "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath=ckpt",
-        "--trainer.callbacks.every_n_train_steps=4", "--trainer.callbacks.save_top_k=-1",
+        "fit",
+        "--config",
+        str(CONFIGS / "gpt_demo.yaml"),
+        *tiny_cli_args(max_steps=8),
+        "--trainer.logger=false",
+        "--trainer.val_check_interval=100",
+        "--trainer.limit_val_batches=0",
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.dirpath=ckpt",
+        "--trainer.callbacks.every_n_train_steps=4",
+        "--trainer.callbacks.save_top_k=-1",
         "--trainer.callbacks.save_last=true",
-        "--trainer.callbacks+=tests.helpers.callbacks.RecordSteps", f"--trainer.callbacks.path={records}",
+        "--trainer.callbacks+=tests.helpers.callbacks.RecordSteps",
+        f"--trainer.callbacks.path={records}",
         *extra,
     ]
 
@@ -29,10 +37,19 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     run_cli(_fit_args("steps.jsonl"), tmp_path / "a")
 
     killed = subprocess.run(
-        [sys.executable, "-m", "lightning_power.cli",
-         *_fit_args("steps.jsonl", ["--trainer.callbacks+=tests.helpers.callbacks.KillAtStep",
-                                    "--trainer.callbacks.step=6"])],
-        cwd=tmp_path / "b", env=job_env(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "lightning_power.cli",
+            *_fit_args(
+                "steps.jsonl", ["--trainer.callbacks+=tests.helpers.callbacks.KillAtStep", "--trainer.callbacks.step=6"]
+            ),
+        ],
+        cwd=tmp_path / "b",
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert max(read_records(tmp_path / "b" / "steps.jsonl")) == 6

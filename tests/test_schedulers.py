@@ -38,6 +38,7 @@ def flat(rows):
 
 def reference_power(n, batch, base_lr, lr_max=0.02, a=4.0, b=-0.5, warmup=0, decay=0, total=None, r=0.0):
     """Eq. 7-8 of arXiv 2408.13359 written out again, with the exponential decay shape, times base_lr / lr_max."""
+
     def eta(x):
         return lr_max if x == 0 else min(lr_max, batch / 4096 * a * x**b)
 
@@ -59,8 +60,10 @@ def test_power_lr_of_step_k_is_the_schedule_at_k_plus_one_batches_for_every_grou
     optimizer = sgd(0.02, 0.005)
     scheduler = PowerScheduler(optimizer, tokens_per_step=tps, min_lr_ratio=0.1, **settings)
     expected = [
-        [reference_power((k + 1) * tps, tps, base, a=0.05, warmup=3 * tps, decay=4 * tps, total=10 * tps, r=0.1)
-         for base in (0.02, 0.005)]
+        [
+            reference_power((k + 1) * tps, tps, base, a=0.05, warmup=3 * tps, decay=4 * tps, total=10 * tps, r=0.1)
+            for base in (0.02, 0.005)
+        ]
         for k in range(12)
     ]
     lrs = used_lrs(optimizer, scheduler, 12)
@@ -241,7 +244,11 @@ def byte_batches(batches: int) -> DataLoader:
 def fit(model, max_steps, batches=6, ckpt_path=None, **trainer_kwargs):
     trainer_kwargs = {"enable_checkpointing": False, **trainer_kwargs}
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         **trainer_kwargs,
     )
     trainer.fit(model, byte_batches(batches), ckpt_path=ckpt_path)
@@ -273,19 +280,32 @@ def test_cli_fit_from_the_power_yaml_logs_the_power_schedule(tmp_path):
     from lightning_power.cli import main
 
     tps = 8 * 16  # tiny_cli_args: batch 8, context 16; TokenCounter measures it
-    main(["fit", "--config", str(CONFIGS / "gpt_power.yaml"), *tiny_cli_args(max_steps=4),
-          "--lr_scheduler.init_args.warmup_tokens=256", "--lr_scheduler.init_args.decay_tokens=128",
-          "--lr_scheduler.init_args.total_tokens=512", "--lr_scheduler.init_args.a=0.05"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "gpt_power.yaml"),
+            *tiny_cli_args(max_steps=4),
+            "--lr_scheduler.init_args.warmup_tokens=256",
+            "--lr_scheduler.init_args.decay_tokens=128",
+            "--lr_scheduler.init_args.total_tokens=512",
+            "--lr_scheduler.init_args.a=0.05",
+        ]
+    )
     metrics = read_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
     lr_max = 0.003  # the YAML optimizer LR, so lr_max by default
-    expected = [reference_power((k + 1) * tps, tps, lr_max, lr_max=lr_max, a=0.05, b=-0.51, warmup=256, decay=128,
-                                total=512) for k in range(4)]
+    expected = [
+        reference_power((k + 1) * tps, tps, lr_max, lr_max=lr_max, a=0.05, b=-0.51, warmup=256, decay=128, total=512)
+        for k in range(4)
+    ]
     assert [step for step, _ in metrics["lr-AdamW"]] == [0, 1, 2, 3]
     assert [lr for _, lr in metrics["lr-AdamW"]] == pytest.approx(expected, rel=1e-6)
     assert metrics["tokens/seen"] == [(k, (k + 1) * tps) for k in range(4)]
 
 
-@pytest.mark.parametrize(("config", "scheduler"), [("gpt_power.yaml", "PowerScheduler"), ("gpt_wsd.yaml", "WSDScheduler")])
+@pytest.mark.parametrize(
+    ("config", "scheduler"), [("gpt_power.yaml", "PowerScheduler"), ("gpt_wsd.yaml", "WSDScheduler")]
+)
 def test_the_example_configs_parse(config, scheduler, capsys):
     from lightning_power.cli import main
 

@@ -61,8 +61,9 @@ def power(optimizer):
 def test_power_follows_a_batch_ramp_across_gradient_accumulation(tmp_path):
     counter = TokenCounter()
     model = ScheduledGPT(power)
-    fit_trainer = trainer(3, callbacks=[counter], accumulate_grad_batches=2, logger=CSVLogger(tmp_path),
-                          log_every_n_steps=1)
+    fit_trainer = trainer(
+        3, callbacks=[counter], accumulate_grad_batches=2, logger=CSVLogger(tmp_path), log_every_n_steps=1
+    )
     fit_trainer.fit(model, ramp_batches([2, 2, 4, 4, 6, 6]))
     step_tokens = [(2 + 2) * CONTEXT, (4 + 4) * CONTEXT, (6 + 6) * CONTEXT]
     seen = list(itertools.accumulate(step_tokens))
@@ -87,9 +88,12 @@ def test_padding_is_not_counted():
     lengths = torch.tensor([9, 3, 5, 9, 1, 2, 9, 7])
     mask = (torch.arange(CONTEXT + 1) < lengths[:, None]).long()
     loader = DataLoader(
-        list(zip(ids, mask)), batch_size=4, collate_fn=lambda rows: {
-            "input_ids": torch.stack([r[0] for r in rows]), "attention_mask": torch.stack([r[1] for r in rows])
-        }
+        list(zip(ids, mask)),
+        batch_size=4,
+        collate_fn=lambda rows: {
+            "input_ids": torch.stack([r[0] for r in rows]),
+            "attention_mask": torch.stack([r[1] for r in rows]),
+        },
     )
     counter = TokenCounter()
     model = MaskedGPT(lambda opt: WSDScheduler(opt, warmup=100, total=1000, decay=0, units="tokens"))
@@ -141,8 +145,11 @@ def test_global_count_is_one_sum_all_reduce_over_ranks(monkeypatch):
         tensor.mul_(2)  # the other rank counted the same
 
     distributed = SimpleNamespace(
-        is_available=lambda: True, is_initialized=lambda: True, get_world_size=lambda group=None: 2,
-        all_reduce=fake_all_reduce, ReduceOp=torch.distributed.ReduceOp,
+        is_available=lambda: True,
+        is_initialized=lambda: True,
+        get_world_size=lambda group=None: 2,
+        all_reduce=fake_all_reduce,
+        ReduceOp=torch.distributed.ReduceOp,
     )
     monkeypatch.setattr(tokens_module.torch, "distributed", distributed)
     fake_trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))

@@ -68,7 +68,10 @@ def read_split(files: list[Path], budget: int, seed: int) -> bytes:
 
 
 class ByteWindows(Dataset):
-    """Non-overlapping windows of ``context_length + 1`` bytes; item ``i`` is ``(bytes[iT : iT+T], bytes[iT+1 : iT+T+1])``."""
+    """Non-overlapping windows of ``context_length + 1`` bytes.
+
+    Item ``i`` is ``(bytes[iT : iT+T], bytes[iT+1 : iT+T+1])``.
+    """
 
     def __init__(self, data: bytes, context_length: int) -> None:
         self.data = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
@@ -184,6 +187,7 @@ class ByteCorpus(pl.LightningDataModule):
         world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         sampler = ResumableShuffleSampler(self.train_set, world_size, rank, self.hparams.seed)
         if self._resume:
+            self._check_resumable(world_size)
             sampler.resume_at(self._resume["epoch"], self._resume["batches"] * self.batch_size)
         return self._loader(self.train_set, sampler)
 
@@ -196,8 +200,12 @@ class ByteCorpus(pl.LightningDataModule):
     def _loader(self, dataset: Dataset, sampler: DistributedSampler | None) -> DataLoader:
         workers = self.hparams.num_workers
         return DataLoader(
-            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=sampler is not None,
-            num_workers=workers, persistent_workers=workers > 0,
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=sampler is not None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -205,8 +213,30 @@ class ByteCorpus(pl.LightningDataModule):
         if self.trainer is None:
             return {}
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": self.trainer.current_epoch, "batches": progress.processed}
+        return {
+            "epoch": self.trainer.current_epoch,
+            "batches": progress.processed,
+            "batch_size": self.batch_size,
+            "world_size": self.trainer.world_size,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume = dict(state_dict)
 
+    def _check_resumable(self, world_size: int) -> None:
+        """A checkpoint's data position maps to the same samples when the global batch is unchanged.
+
+        Each step consumes the next ``batch_size * world_size`` samples of the epoch's order, whatever the split
+        across processes, so a job may resume on fewer processes with a larger per-process batch (or the reverse).
+        """
+        saved_batch, saved_world = self._resume.get("batch_size"), self._resume.get("world_size")
+        if saved_batch is None or saved_world is None:
+            return
+        if saved_batch * saved_world != self.batch_size * world_size:
+            raise ValueError(
+                f"ByteCorpus cannot resume mid-epoch with a changed global batch (batch_size x processes): "
+                f"{saved_batch} x {saved_world} -> {self.batch_size} x {world_size}. The checkpoint's position "
+                f"(epoch {self._resume['epoch']}, {self._resume['batches']} steps) would map to other samples. Keep "
+                "data.batch_size x trainer.devices x trainer.num_nodes, or start a new run from the checkpoint's "
+                "weights"
+            )

@@ -10,6 +10,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from lightning_power import TokenCounter, UpdateSparsityMonitor
+
 
 class KillAtStep(pl.Callback):
     """SIGKILL this process (every rank) right after optimizer step ``step``, before that step's checkpoint."""
@@ -23,7 +25,9 @@ class KillAtStep(pl.Callback):
 
 
 class RecordSteps(pl.Callback):
-    """Append one JSON line per optimizer step to ``path`` (rank 0): step, LR of every group, loss, first input byte."""
+    """Append one JSON line per optimizer step to ``path`` (rank 0): step, LR of every group, loss, first input byte,
+    and the tokens seen when a TokenCounter runs. At the end of the fit, an UpdateSparsityMonitor's whole history
+    (restored from the checkpoint on resume) goes to ``<path>.sparsity.json``."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
@@ -48,9 +52,21 @@ class RecordSteps(pl.Callback):
             "loss": float(outputs["loss"]),
             "first_bytes": self._batch_first_bytes,
         }
+        counter = _find(trainer, TokenCounter)
+        if counter is not None:
+            record["tokens_seen"] = counter.tokens_seen
         self._batch_first_bytes = []
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        monitor = _find(trainer, UpdateSparsityMonitor)
+        if monitor is not None and trainer.global_rank == 0:
+            self.path.with_suffix(".sparsity.json").write_text(json.dumps(monitor.history))
+
+
+def _find(trainer: pl.Trainer, kind: type) -> pl.Callback | None:
+    return next((callback for callback in trainer.callbacks if isinstance(callback, kind)), None)
 
 
 def read_records(path: Path) -> dict[int, dict]:
