@@ -178,7 +178,7 @@ def analyze(runs: list[dict]) -> dict[str, Any]:
 
 
 def goals(summary: dict[str, Any]) -> dict[str, Any]:
-    """The issue's goals, each with the measured number next to its verdict."""
+    """The benchmark's goals, each with the measured number next to its verdict."""
     drift, best, at_transferred = summary["drift_log2"], summary["best_loss"], summary["loss_at_transferred_lr"]
     result: dict[str, Any] = {}
     if "mup" in drift:

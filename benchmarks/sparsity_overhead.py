@@ -16,7 +16,7 @@
 Prints a table and writes ``benchmarks/results/sparsity_overhead.json`` (with ``--quick``:
 ``sparsity_overhead_quick.json``) and a PNG next to it. JSON: ``machine``, ``kernel_fraction_of_copy_bandwidth``
 (whole-model check bandwidth / copy bandwidth), ``step_overhead`` ({"1", "10", "100"}: step time with / without - 1),
-``gpu_memory_overhead_bytes``, ``goals`` (each value against the issue's target), the detailed ``whole_model``,
+``gpu_memory_overhead_bytes``, ``goals`` (each value against its target), the detailed ``whole_model``,
 ``single_tensor`` and ``end_to_end`` records, and ``environment``.
 """
 
@@ -409,7 +409,7 @@ def report(result: dict) -> str:
 
 
 def goals(result: dict) -> dict:
-    """Each measured value against the issue's target."""
+    """Each measured value against its target (benchmarks/README.md)."""
     a, e2e = result["whole_model"], result["end_to_end"]
 
     def goal(value: float | None, target: float, at_most: bool) -> dict:

@@ -1,4 +1,4 @@
-"""benchmarks/sparsity_overhead.py runs end to end (tiny sizes, CPU) and writes the JSON keys the issue asks for."""
+"""benchmarks/sparsity_overhead.py runs end to end (tiny sizes, CPU) and writes the documented JSON keys."""
 
 import json
 
