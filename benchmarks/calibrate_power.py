@@ -137,8 +137,8 @@ def plot(summary: dict[str, Any], payload: dict[str, Any], path: Path) -> None:
         yscale="log",
         xlabel="training tokens T",
         ylabel="eta_opt / beta",
-        title="Power law of the optimal WSD LR (x: optimum not bracketed)",
     )
+    left.set_title("optimal WSD LR / beta vs tokens (x: not bracketed)", fontsize=9)
     left.legend(fontsize=7)
     for budget in sorted({c["tokens"] for c in optima}):
         cells = sorted((c for c in optima if c["tokens"] == budget), key=lambda c: c["batch_tokens"])
@@ -146,7 +146,8 @@ def plot(summary: dict[str, Any], payload: dict[str, Any], path: Path) -> None:
     if fit and fit.get("batch_exponent") is not None:
         right.set_title(
             f"eta_opt vs batch: free exponent {fit['batch_exponent']:.2f} +- "
-            f"{fit['batch_exponent_stderr']:.2f} (law: 1)"
+            f"{fit['batch_exponent_stderr']:.2f} (law: 1)",
+            fontsize=9,
         )
     right.set(xscale="log", yscale="log", xlabel="beta (batch tokens / 4096)", ylabel="eta_opt (base LR, muP)")
     for ax in (left, right):
@@ -156,6 +157,7 @@ def plot(summary: dict[str, Any], payload: dict[str, Any], path: Path) -> None:
         f"({machine_label(payload['environment'])})",
         fontsize=10,
     )
+    fig.tight_layout()
     save_figure(fig, path)
 
 

@@ -183,6 +183,27 @@ def test_resume_on_another_number_of_processes_is_refused(two_process_run, tmp_p
 
 
 @pytest.mark.distributed
+def test_fsdp2_resumes_on_one_process_with_the_same_global_batch(two_process_run, tmp_path):
+    """Elastic resume: the 2-process FSDP2 checkpoint of step 4 continues on 1 process with a batch of 8 instead of
+    2 x 4 (the sparsity monitor, whose snapshots are per-rank shards, is left out)."""
+    uninterrupted = two_process_run("fsdp2")
+    step4 = uninterrupted / "ckpt" / "epoch=0-step=4.ckpt"
+    run = fit_in(tmp_path, recipe_args(strategy="fsdp2", sparsity=False, extra=[f"--ckpt_path={step4}"]))
+    want, got = read_records(uninterrupted / "steps.jsonl"), read_records(run / "steps.jsonl")
+    assert sorted(got) == list(range(5, MAX_STEPS + 1))
+    for step in got:
+        assert got[step]["first_bytes"] == want[step]["first_bytes"], f"data differs at step {step}"
+        assert got[step]["lrs"] == want[step]["lrs"] and got[step]["tokens_seen"] == want[step]["tokens_seen"]
+    losses_want, losses_got = train_losses(uninterrupted), train_losses(run)
+    for step, loss in losses_got.items():
+        assert loss == pytest.approx(losses_want[step], rel=1e-5), f"loss differs at step {step}"
+    weights_want = checkpoint_weights(uninterrupted / "ckpt" / "last.ckpt")
+    weights_got = checkpoint_weights(run / "ckpt" / "last.ckpt")
+    for name, tensor in weights_want.items():
+        torch.testing.assert_close(weights_got[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.distributed
 def test_checkpoint_without_mup_is_refused_by_a_mup_run(tmp_path):
     plain = [
         "fit",

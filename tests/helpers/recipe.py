@@ -26,6 +26,14 @@ STRATEGIES = {
 }
 
 
+SPARSITY_MONITOR = [
+    "--trainer.callbacks+=lightning_power.UpdateSparsityMonitor",
+    "--trainer.callbacks.every_n_steps=2",
+    "--trainer.callbacks.rank_every_n_checks=2",
+    "--trainer.callbacks.save_masks=true",
+]
+
+
 def recipe_args(
     devices: int = 1,
     strategy: str | None = None,
@@ -38,11 +46,13 @@ def recipe_args(
     accelerator: str = "cpu",
     precision: str = "32-true",
     monitor=(),
+    sparsity: bool = True,
     extra=(),
 ) -> list[str]:
     """``gpt_mup_power.yaml`` (muP with base width 32, delta 64; Power; TokenCounter) shrunk to a few steps, plus the
-    sparsity monitor (``monitor``: more of its arguments) and the step recorder; checkpoints every
-    ``checkpoint_every`` steps to ``ckpt/``. ``global_batch`` sequences per step are split over ``devices``."""
+    sparsity monitor (unless ``sparsity`` is false; ``monitor``: more of its arguments) and the step recorder;
+    checkpoints every ``checkpoint_every`` steps to ``ckpt/``. ``global_batch`` sequences per step are split over
+    ``devices``."""
     tokens_per_step = global_batch * context
     return [
         "fit",
@@ -76,10 +86,7 @@ def recipe_args(
         f"--trainer.callbacks.every_n_train_steps={checkpoint_every}",
         "--trainer.callbacks.save_top_k=-1",
         "--trainer.callbacks.save_last=true",
-        "--trainer.callbacks+=lightning_power.UpdateSparsityMonitor",
-        "--trainer.callbacks.every_n_steps=2",
-        "--trainer.callbacks.rank_every_n_checks=2",
-        "--trainer.callbacks.save_masks=true",
+        *(SPARSITY_MONITOR if sparsity else []),
         *monitor,
         "--trainer.callbacks+=tests.helpers.callbacks.RecordSteps",
         "--trainer.callbacks.path=steps.jsonl",

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every GPU measurement of benchmarks/README.md, in two parts that each fit a 10-minute slot on one H100.
+#
+#   bash benchmarks/gpu_session.sh checks OUT   # CUDA tests, sparsity_overhead.py, gpu_check.py   (~7 min)
+#   bash benchmarks/gpu_session.sh papers OUT   # mup_transfer.py and calibrate_power.py full modes (~7 min)
+#   bash benchmarks/gpu_session.sh schedule OUT # schedule_transfer.py full mode, after papers       (~3 min)
+#
+# Run from the repository root. Results go to OUT (JSON, PNG, logs); copy them to benchmarks/results/ and the
+# tables to benchmarks/README.md with the machine and date.
+set -uo pipefail
+part=${1:?usage: gpu_session.sh checks|papers|schedule OUT}
+out=${2:?usage: gpu_session.sh checks|papers|schedule OUT}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+
+case "$part" in
+  checks)
+    timeout -s TERM 150 python -m pytest -q -m cuda -p no:cacheprovider \
+      tests/test_sparsity_counting.py tests/test_sparsity_monitor.py 2>&1 | tail -15 | tee "$out/cuda_tests.txt"
+    timeout -s TERM 180 python benchmarks/sparsity_overhead.py --device cuda --out "$out" 2>&1 | tee "$out/sparsity_overhead.txt"
+    timeout -s TERM 180 python benchmarks/gpu_check.py --out "$out/gpu_check.json" 2>&1 | tail -20 | tee "$out/gpu_check.txt"
+    ;;
+  papers)
+    timeout -s TERM 230 python benchmarks/mup_transfer.py --device cuda --out "$out" 2>&1 | tail -30 | tee "$out/mup_transfer.txt"
+    timeout -s TERM 180 python benchmarks/calibrate_power.py --device cuda --out "$out" 2>&1 | tail -30 | tee "$out/calibrate_power.txt"
+    ;;
+  schedule)
+    timeout -s TERM 180 python benchmarks/schedule_transfer.py --device cuda --out "$out" 2>&1 | tail -30 | tee "$out/schedule_transfer.txt"
+    ;;
+  *)
+    echo "unknown part '$part': use checks, papers or schedule" >&2
+    exit 2
+    ;;
+esac
