@@ -18,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import importlib
+import pickle
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -121,7 +122,10 @@ def _saved_model_hparams(ckpt_path: str) -> dict[str, Any]:
         path = path / "meta.pt"  # Lightning's sharded checkpoints keep everything but the tensors here
     if not path.is_file():
         return {}
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError):  # not loadable safely: Lightning itself will say what is wrong
+        return {}
     hparams = checkpoint.get("hyper_parameters") or {}
     return {key: value for key, value in hparams.items() if not key.startswith("_")}
 
