@@ -236,7 +236,7 @@ class ByteCorpus(pl.LightningDataModule):
             raise ValueError(
                 f"ByteCorpus cannot resume mid-epoch with a changed global batch (batch_size x processes): "
                 f"{saved_batch} x {saved_world} -> {self.batch_size} x {world_size}. The checkpoint's position "
-                f"(epoch {self._resume['epoch']}, {self._resume['batches']} steps) would map to other samples. Keep "
-                "data.batch_size x trainer.devices x trainer.num_nodes, or start a new run from the checkpoint's "
+                f"(epoch {self._resume['epoch']}, {self._resume['batches']} batches in) would map to other samples. "
+                "Keep data.batch_size x trainer.devices x trainer.num_nodes, or start a new run from the checkpoint's "
                 "weights"
             )
