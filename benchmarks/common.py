@@ -447,6 +447,30 @@ class Interrupted(Exception):
     """SIGTERM arrived (e.g. a time limit): finish writing what is done."""
 
 
+def new_payload(name: str, config: Mapping[str, Any], device: str, **extra: Any) -> dict[str, Any]:
+    """The JSON record a benchmark rewrites after every run: what it is, its settings, the machine, and whether it
+    finished (``complete``)."""
+    return {"benchmark": name, "complete": False, **extra, "config": config, "environment": environment(device)}
+
+
+def run_sweep(
+    jobs: list[dict[str, Any]],
+    job_fn: Callable[[dict[str, Any]], dict[str, Any]],
+    config: Mapping[str, Any],
+    device: str,
+    on_result: Callable[[dict[str, Any], dict[str, Any]], list[dict[str, Any]]],
+    runs: list[dict],
+) -> bool:
+    """:func:`run_jobs` with the config's workers; True when every job ran, False when SIGTERM or Ctrl-C stopped it
+    (``runs`` then holds what finished)."""
+    try:
+        run_jobs(jobs, job_fn, workers=config["workers"], device=device, on_result=on_result)
+        return True
+    except (KeyboardInterrupt, Interrupted):
+        print(f"interrupted: writing the {len(runs)} finished runs", file=sys.stderr)
+        return False
+
+
 def run_jobs(
     jobs: Iterable[dict[str, Any]],
     worker: Callable[[dict[str, Any]], dict[str, Any]],

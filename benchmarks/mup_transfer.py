@@ -31,12 +31,10 @@ from typing import Any
 import numpy as np
 from common import (
     MODEL,
-    Interrupted,
     LRSweep,
     benchmark_parser,
     build_gpt,
     check_args,
-    environment,
     final_loss,
     load_corpus,
     log2_grid,
@@ -44,8 +42,9 @@ from common import (
     make_optimizer,
     make_scheduler,
     matplotlib_pyplot,
+    new_payload,
     resolve,
-    run_jobs,
+    run_sweep,
     save_figure,
     train,
     write_json,
@@ -273,12 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(config["widths"]) < 2 or len(config["log2_lrs"]) < 3:
         parser.error("give at least 2 widths and 3 learning rates")
     out = Path(args.out)
-    payload: dict[str, Any] = {
-        "benchmark": NAME,
-        "complete": False,
-        "config": config,
-        "environment": environment(args.device),
-    }
+    payload = new_payload(NAME, config, args.device)
     runs: list[dict] = []
     sweep = LRSweep(config["seeds"], config["refine"])
 
@@ -308,11 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         key = (job["parametrization"], job["width"])
         return jobs_for(*key, sweep.record(key, job["log2_lr"], job["seed"], final_loss(record)))
 
-    try:
-        run_jobs(jobs, run_job, workers=config["workers"], device=args.device, on_result=on_result)
-        payload["complete"] = True
-    except (KeyboardInterrupt, Interrupted):
-        print(f"interrupted: writing the {len(runs)} finished runs", file=sys.stderr)
+    payload["complete"] = run_sweep(jobs, run_job, config, args.device, on_result, runs)
     if not runs:
         return 1
     summary = analyze(runs)

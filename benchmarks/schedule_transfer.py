@@ -35,17 +35,16 @@ from common import (
     MODEL,
     SCHEDULE_RUN,
     TOKENS_D,
-    Interrupted,
     LRSweep,
     benchmark_parser,
     check_args,
-    environment,
     final_loss,
     machine_label,
     matplotlib_pyplot,
+    new_payload,
     resolve,
-    run_jobs,
     run_schedule_job,
+    run_sweep,
     save_figure,
     write_json,
 )
@@ -269,13 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"token budget {tokens} must be a multiple of batch {batch} x context "
                     f"{config['context_length']}, and at least 4 steps"
                 )
-    payload: dict[str, Any] = {
-        "benchmark": NAME,
-        "complete": False,
-        "power": power,
-        "config": config,
-        "environment": environment(args.device),
-    }
+    payload = new_payload(NAME, config, args.device, power=power)
     runs: list[dict] = []
     sweep = LRSweep(config["seeds"], config["refine"])
 
@@ -316,11 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         key = (job["schedule"], job["batch_size"], job["tokens"])
         return jobs_for(*key, sweep.record(key, job["log2_lr"], job["seed"], final_loss(record)))
 
-    try:
-        run_jobs(jobs, run_schedule_job, workers=config["workers"], device=args.device, on_result=on_result)
-        payload["complete"] = True
-    except (KeyboardInterrupt, Interrupted):
-        print(f"interrupted: writing the {len(runs)} finished runs", file=sys.stderr)
+    payload["complete"] = run_sweep(jobs, run_schedule_job, config, args.device, on_result, runs)
     if not runs:
         return 1
     summary = analyze(runs, config)
