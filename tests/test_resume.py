@@ -1,13 +1,11 @@
 """Kill a real training job with SIGKILL and resume it from its last checkpoint: nothing may differ."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from tests.helpers.callbacks import final_weights, read_records
-from tests.helpers.jobs import CONFIGS, job_env, run_cli
+from tests.helpers.jobs import CONFIGS, run_cli
+from tests.helpers.recipe import fit_until_killed
 from tests.helpers.tiny import tiny_cli_args
 
 
@@ -36,22 +34,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     run_cli(_fit_args("steps.jsonl"), tmp_path / "a")
 
-    killed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lightning_power.cli",
-            *_fit_args(
-                "steps.jsonl", ["--trainer.callbacks+=tests.helpers.callbacks.KillAtStep", "--trainer.callbacks.step=6"]
-            ),
-        ],
-        cwd=tmp_path / "b",
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert killed.returncode == -9, killed.stderr[-3000:]
+    kill = ["--trainer.callbacks+=tests.helpers.callbacks.KillAtStep", "--trainer.callbacks.step=6"]
+    fit_until_killed(tmp_path / "b", _fit_args("steps.jsonl", kill))
     assert max(read_records(tmp_path / "b" / "steps.jsonl")) == 6
     run_cli(_fit_args("steps.jsonl", ["--ckpt_path=ckpt/last.ckpt"]), tmp_path / "b")
 
