@@ -53,14 +53,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         MODEL,
         **SCHEDULE_RUN["quick"],
         width=64,
-        batch_sizes=[8, 16, 32, 64],
-        token_budgets=[D_QUICK // 2, D_QUICK, 2 * D_QUICK],
-        log2_lrs=log2_grid(-8, -3),
+        batch_sizes=[4, 8, 16, 32],
+        token_budgets=[D_QUICK // 4, D_QUICK // 2, D_QUICK, 2 * D_QUICK],
+        log2_lrs=log2_grid(-10, -5),
         seeds=2,
         refine=3,
         workers=2,
         train_bytes=4_000_000,
-        val_windows=256,
+        val_windows=1024,
     ),
     "full": dict(
         MODEL,
@@ -73,7 +73,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         refine=3,
         workers=8,
         train_bytes=16_000_000,
-        val_windows=512,
+        val_windows=2048,
     ),
 }
 

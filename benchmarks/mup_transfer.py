@@ -69,7 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         parametrizations=["sp", "mup"],
         workers=2,
         train_bytes=4_000_000,
-        val_windows=256,
+        val_windows=1024,
     ),
     "full": dict(
         MODEL,
@@ -86,7 +86,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         parametrizations=["sp", "mup"],
         workers=8,
         train_bytes=16_000_000,
-        val_windows=512,
+        val_windows=2048,
     ),
 }
 GOAL_DRIFT = 0.5  # muP's optimum may move at most this many log2 units across the widths

@@ -67,7 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         refine=3,
         workers=2,
         train_bytes=4_000_000,
-        val_windows=256,
+        val_windows=1024,
     ),
     "full": dict(
         MODEL,
@@ -80,7 +80,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         refine=3,
         workers=8,
         train_bytes=16_000_000,
-        val_windows=512,
+        val_windows=2048,
     ),
 }
 SCHEDULES = ("wsd", "cosine", "power")
