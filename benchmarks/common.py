@@ -387,7 +387,8 @@ def make_scheduler(
 
     - ``"wsd"``: warmup, constant, then ``decay_shape`` to 0 over the last ``decay_fraction`` of the steps;
     - ``"cosine"``: warmup, then cosine to 0 over the rest (a WSD whose decay is everything after warmup);
-    - ``"power"``: the Power scheduler with ``power = {"a", "b"}`` (``lr_max`` is the optimizer's LR), in tokens,
+    - ``"power"``: the Power scheduler with ``power = {"a", "b", "batch_exponent"}`` (``lr_max`` is the optimizer's
+      LR; ``batch_exponent`` defaults to the paper's 1), in tokens,
       with the same final decay as WSD (arXiv 2408.13359, Eq. 8).
     """
     warmup = max(1, round(warmup_tokens / batch_tokens))
@@ -404,6 +405,7 @@ def make_scheduler(
             optimizer,
             a=power["a"],
             b=power["b"],
+            batch_exponent=power.get("batch_exponent", 1.0),
             tokens_per_step=batch_tokens,
             warmup_tokens=warmup * batch_tokens,
             total_tokens=total,

@@ -2,13 +2,14 @@
 
 For every cell of batch size {B, 4B} x token budget {D, 4D}, the muP demo GPT trains with WSD and with cosine, each
 tuned on a 2^k LR grid around the law's prediction (extended when the best LR is at an edge), and with the Power
-scheduler at **one fixed** (a, b, lr_max) for all cells. It reports per cell the best tuned losses, Power's untuned
+scheduler at **one fixed** (a, b, p, lr_max) for all cells. It reports per cell the best tuned losses, Power's untuned
 loss, and ``power_gap_vs_best_wsd`` = Power's loss / best WSD loss - 1; the goal is <= 1 % in every cell. All
 schedules share the warmup (in tokens) and end with the same decay over the last 10 % (exponential to 0, the paper's).
 
-(a, b, lr_max) come from ``--calibration`` (a ``calibrate_power.py`` JSON; by default
-``<out>/calibrate_power_<mode>.json`` when it exists), else the paper's defaults a = 4, b = -0.51, lr_max = 0.02;
-``--a``, ``--b``, ``--lr-max`` override.
+(a, b, p, lr_max) come from ``--calibration`` (a ``calibrate_power.py`` JSON: the law it chose; by default
+``<out>/calibrate_power_<mode>.json`` when it exists), else the paper's defaults a = 4, b = -0.51, p = 1,
+lr_max = 0.02; ``--a``, ``--b``, ``--batch-exponent``, ``--lr-max`` override. p is the batch exponent of the law,
+LR = min(lr_max, beta^p * a * n^b).
 
 Usage::
 
@@ -16,8 +17,8 @@ Usage::
     python benchmarks/calibrate_power.py && python benchmarks/schedule_transfer.py                   # GPU
 
 JSON: ``power_gap_vs_best_wsd.{cell}``, ``power_gap_vs_best_cosine.{cell}``, ``cells`` (per cell: best LRs and
-losses, Power's loss and seeds), ``goals``, ``power`` (a, b, lr_max, source), ``runs`` (with train curves
-``[tokens, loss, lr]``), ``config`` and ``environment``. The cell key is ``batch{B}_tokens{D}``.
+losses, Power's loss and seeds), ``goals``, ``power`` (a, b, batch_exponent, lr_max, source), ``runs`` (with train
+curves ``[tokens, loss, lr]``), ``config`` and ``environment``. The cell key is ``batch{B}_tokens{D}``.
 """
 
 from __future__ import annotations
@@ -53,14 +54,14 @@ from lightning_power.calibrate import optimal_log2_lr
 from lightning_power.schedules import power_lr
 
 NAME = "schedule_transfer"
-PAPER_POWER = {"a": 4.0, "b": -0.51, "lr_max": 0.02}  # arXiv 2408.13359, section 4 defaults
+PAPER_POWER = {"a": 4.0, "b": -0.51, "batch_exponent": 1.0, "lr_max": 0.02}  # arXiv 2408.13359, section 4
 D_QUICK, D_FULL = TOKENS_D["quick"], TOKENS_D["full"]
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(
         MODEL,
         **SCHEDULE_RUN["quick"],
         width=64,
-        batch_sizes=[16, 64],
+        batch_sizes=[8, 32],
         token_budgets=[D_QUICK, 4 * D_QUICK],
         grid_halfwidth=2,
         seeds=2,
@@ -92,7 +93,8 @@ def cell_key(batch_size: int, tokens: int) -> str:
 
 
 def power_settings(args: argparse.Namespace, out: Path, mode: str) -> dict[str, Any]:
-    """(a, b, lr_max) and where they came from: a calibration file, else the paper; flags override each value."""
+    """(a, b, batch_exponent, lr_max) and where they came from: a calibration file, else the paper; flags override
+    each value."""
     path = Path(args.calibration) if args.calibration else out / f"calibrate_power_{mode}.json"
     settings = dict(PAPER_POWER, source="paper defaults (arXiv 2408.13359, section 4)")
     if path.exists():
@@ -102,26 +104,36 @@ def power_settings(args: argparse.Namespace, out: Path, mode: str) -> dict[str, 
         settings = {
             "a": calibration["fit"]["a"],
             "b": calibration["fit"]["b"],
+            "batch_exponent": calibration["fit"].get("batch_exponent", 1.0),
             "lr_max": calibration["lr_max"],
             "source": str(path),
         }
     elif args.calibration:
         raise SystemExit(f"--calibration {path} does not exist")
-    for key in ("a", "b", "lr_max"):
+    for key in ("a", "b", "batch_exponent", "lr_max"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
             settings["source"] += f"; {key} from the command line"
-    if not (settings["a"] > 0 and settings["b"] < 0 and settings["lr_max"] > 0):
+    if not (
+        settings["a"] > 0 and settings["b"] < 0 and settings["lr_max"] > 0 and 0 <= settings["batch_exponent"] <= 2
+    ):
         raise SystemExit(
-            f"Power needs a > 0, b < 0 and lr_max > 0, got {settings} (a fitted b >= 0 means the law "
-            "did not hold in that sweep)"
+            f"Power needs a > 0, b < 0, lr_max > 0 and batch_exponent in [0, 2], got {settings} (a fitted b >= 0 "
+            "means the law did not hold in that sweep)"
         )
     return settings
 
 
 def predicted_log2_lr(power: dict[str, Any], batch_tokens: int, tokens: int) -> float:
     """The law's optimal WSD LR for a cell (Eq. 6), capped at lr_max: the centre of the tuning grid."""
-    lr = power_lr(tokens, batch_tokens=batch_tokens, a=power["a"], b=power["b"], lr_max=power["lr_max"])
+    lr = power_lr(
+        tokens,
+        batch_tokens=batch_tokens,
+        a=power["a"],
+        b=power["b"],
+        lr_max=power["lr_max"],
+        batch_exponent=power["batch_exponent"],
+    )
     return math.log2(lr)
 
 
@@ -173,7 +185,10 @@ def analyze(runs: list[dict], config: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_table(summary: dict[str, Any], power: dict[str, Any]) -> None:
-    print(f"\nPower at a = {power['a']:.4g}, b = {power['b']:.4f}, lr_max = {power['lr_max']:.4g} ({power['source']})")
+    print(
+        f"\nPower at a = {power['a']:.4g}, b = {power['b']:.4f}, p = {power['batch_exponent']:.3g}, "
+        f"lr_max = {power['lr_max']:.4g} ({power['source']})"
+    )
     print(
         f"{'cell':>26} {'WSD best (log2 LR)':>20} {'cosine best (log2 LR)':>23} {'Power':>8} "
         f"{'vs WSD':>8} {'vs cos':>8}"
@@ -235,7 +250,8 @@ def plot(summary: dict[str, Any], runs: list[dict], payload: dict[str, Any], pat
     axes[0][0].legend(fontsize=7)
     power = payload["power"]
     fig.suptitle(
-        f"Power (a={power['a']:.3g}, b={power['b']:.3f}, lr_max={power['lr_max']:.3g}) vs tuned WSD and "
+        f"Power (a={power['a']:.3g}, b={power['b']:.3f}, p={power['batch_exponent']:.3g}, "
+        f"lr_max={power['lr_max']:.3g}) vs tuned WSD and "
         f"cosine, muP demo GPT width {payload['config']['width']} ({machine_label(payload['environment'])})",
         fontsize=10,
     )
@@ -247,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", help="a calibrate_power.py JSON to take a, b and lr_max from")
     parser.add_argument("--a", type=float, help="Power amplitude a (overrides the calibration)")
     parser.add_argument("--b", type=float, help="Power exponent b < 0 (overrides the calibration)")
+    parser.add_argument("--batch-exponent", type=float, help="Power batch exponent p (overrides the calibration)")
     parser.add_argument("--lr-max", type=float, help="Power LR cap (overrides the calibration)")
     parser.add_argument("--width", type=int, help="model width")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="sequences per step: B and 4B")

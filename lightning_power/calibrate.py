@@ -6,7 +6,10 @@ token budgets T and learning rates, take each (beta, T) cell's optimal LR, and f
 ``min(lr_max, beta * a * n^b)`` with n the tokens seen so far (Eq. 7). This module does the same for any sweep:
 
 1. :func:`cell_optima`: per (batch, tokens) cell, the optimal LR from a parabola in log2(LR) (:func:`optimal_log2_lr`).
-2. :func:`fit_power_law`: least squares of ``ln(eta_opt / beta) = ln a + b ln T``, with standard errors.
+2. :func:`fit_power_law`: least squares of ``ln(eta_opt / beta^p) = ln a + b ln T``, with standard errors. The paper
+   fixes p = 1 (Hypothesis 1: eta_opt grows linearly with the batch); ``batch_exponent=None`` fits p as well, for
+   models and batch sizes where it does not (Adam below the critical batch often follows p = 0.5). Either fit reports
+   the free estimate of p, so the hypothesis is tested on every sweep.
 3. :meth:`PowerLawFit.scheduler_yaml`: the ``lr_scheduler:`` (and ``optimizer:``) YAML for ``lightning-power fit``.
 
 beta is the batch in sequences of ``reference_sequence_length`` tokens (4096 in the paper, and the
@@ -126,11 +129,13 @@ def cell_optima(runs: Iterable[SweepRun]) -> list[CellOptimum]:
 
 @dataclass(frozen=True)
 class PowerLawFit:
-    """``eta_opt = beta * a * T^b`` fitted in log space; the uncertainties are standard errors (1 sigma).
+    """``eta_opt = beta^p * a * T^b`` fitted in log space; the uncertainties are standard errors (1 sigma).
 
-    ``log_a_stderr`` is the standard error of ln(a), so a 1-sigma range of ``a`` is ``a * exp(+-log_a_stderr)``.
-    ``batch_exponent`` is p in the free fit ``eta_opt ~ beta^p * T^b'``: the paper assumes p = 1 (Hypothesis 1); a p
-    far from 1 means the batch size will not transfer. It is ``None`` without two batch sizes and four cells.
+    The law is ``eta_opt = beta^p * a * T^b`` with p = ``batch_exponent``: 1 as in the paper, or fitted
+    (``batch_exponent_stderr`` is then its standard error, else ``None``). ``log_a_stderr`` is the standard error of
+    ln(a), so a 1-sigma range of ``a`` is ``a * exp(+-log_a_stderr)``. ``free_batch_exponent`` is p in the free fit
+    ``eta_opt ~ beta^p * T^b'`` whatever the law: a p several standard errors from 1 rejects the paper's Hypothesis 1
+    on this sweep. It is ``None`` without two batch sizes and four cells.
     """
 
     a: float
@@ -142,8 +147,10 @@ class PowerLawFit:
     cells: tuple[CellOptimum, ...]  # the interior cells that entered the fit
     excluded: tuple[CellOptimum, ...]  # the edge cells that did not
     reference_sequence_length: int
-    batch_exponent: float | None
+    batch_exponent: float
     batch_exponent_stderr: float | None
+    free_batch_exponent: float | None
+    free_batch_exponent_stderr: float | None
 
     @property
     def a_stderr(self) -> float:
@@ -164,6 +171,7 @@ class PowerLawFit:
             b=self.b,
             lr_max=math.inf,
             reference_sequence_length=self.reference_sequence_length,
+            batch_exponent=self.batch_exponent,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,6 +188,8 @@ class PowerLawFit:
             "reference_sequence_length": self.reference_sequence_length,
             "batch_exponent": self.batch_exponent,
             "batch_exponent_stderr": self.batch_exponent_stderr,
+            "free_batch_exponent": self.free_batch_exponent,
+            "free_batch_exponent_stderr": self.free_batch_exponent_stderr,
             "cells": [cell(c) for c in self.cells],
             "excluded": [cell(c) for c in self.excluded],
         }
@@ -218,6 +228,7 @@ class PowerLawFit:
             decay_shape=decay_shape,
             min_lr_ratio=0.0,
             reference_sequence_length=self.reference_sequence_length,
+            batch_exponent=self.batch_exponent,
         )
         args: dict[str, Any] = {"a": _round(self.a), "b": _round(self.b), "lr_max": _round(lr_max)}
         if tokens_per_step is not None:
@@ -234,11 +245,14 @@ class PowerLawFit:
             args["decay_shape"] = decay_shape
         if self.reference_sequence_length != 4096:
             args["reference_sequence_length"] = self.reference_sequence_length
+        if self.batch_exponent != 1.0:
+            args["batch_exponent"] = _round(self.batch_exponent)
         lines = [
-            f"# Power scheduler calibrated on {len(self.cells)} WSD cells: eta_opt = beta * a * T^b with",
+            f"# Power scheduler calibrated on {len(self.cells)} WSD cells: eta_opt = {_law(self.batch_exponent)} with",
             (
                 f"# a = {self.a:.4g} (1 sigma: x{math.exp(self.log_a_stderr):.3g}), "
-                f"b = {self.b:.4f} +- {self.b_stderr:.4f}; beta = batch tokens / {self.reference_sequence_length}."
+                f"b = {self.b:.4f} +- {self.b_stderr:.4f}{_fitted_p(self)}; "
+                f"beta = batch tokens / {self.reference_sequence_length}."
             ),
             *counter,
             "optimizer:",
@@ -253,13 +267,30 @@ class PowerLawFit:
         return "\n".join(lines) + "\n"
 
 
-def fit_power_law(optima: Sequence[CellOptimum], reference_sequence_length: int = 4096) -> PowerLawFit:
-    """Fit ``ln(eta_opt / beta) = ln a + b ln T`` by least squares over the interior cells (arXiv 2408.13359, Eq. 4).
+def fit_power_law(
+    optima: Sequence[CellOptimum], reference_sequence_length: int = 4096, batch_exponent: float | None = 1.0
+) -> PowerLawFit:
+    """Fit ``ln(eta_opt / beta^p) = ln a + b ln T`` by least squares over the interior cells (arXiv 2408.13359, Eq. 4).
 
-    beta = ``batch_tokens / reference_sequence_length``. Needs at least 3 interior cells spanning 2 token counts;
-    the covariance is ``s^2 (X^T X)^-1`` with ``s^2`` the residual variance on ``n - 2`` degrees of freedom.
+    beta = ``batch_tokens / reference_sequence_length`` and p = ``batch_exponent``: 1 is the paper's law; ``None``
+    fits p too (``ln eta_opt = ln a + p ln beta + b ln T``; needs >= 4 interior cells over >= 2 batch sizes). Needs at
+    least 3 interior cells spanning 2 token counts; the covariance is ``s^2 (X^T X)^-1`` with ``s^2`` the residual
+    variance on ``n - k`` degrees of freedom.
     """
     check_positive("reference_sequence_length", reference_sequence_length)
+    if batch_exponent is not None:
+        check_power_args(  # the same range the scheduler accepts
+            a=1.0,
+            b=-1.0,
+            lr_max=1.0,
+            warmup_tokens=0,
+            decay_tokens=0,
+            total_tokens=None,
+            decay_shape="exponential",
+            min_lr_ratio=0.0,
+            reference_sequence_length=reference_sequence_length,
+            batch_exponent=batch_exponent,
+        )
     cells = tuple(c for c in optima if c.interior)
     excluded = tuple(c for c in optima if not c.interior)
     if len(cells) < MIN_CELLS or len({c.tokens for c in cells}) < 2:
@@ -268,15 +299,29 @@ def fit_power_law(optima: Sequence[CellOptimum], reference_sequence_length: int 
             f"{len(cells)} interior cells over {len({c.tokens for c in cells})} token count(s) ({len(excluded)} cells "
             "had their best LR at the grid's edge: widen the LR grid)"
         )
-    beta = np.array([c.batch_tokens / reference_sequence_length for c in cells])
+    log_beta = np.log([c.batch_tokens / reference_sequence_length for c in cells])
     log_t = np.log([c.tokens for c in cells])
     log_lr = np.log([c.lr for c in cells])
-    (log_a, b), cov, residual = _least_squares(np.column_stack([np.ones_like(log_t), log_t]), log_lr - np.log(beta))
-    batch_exponent = batch_exponent_stderr = None
-    free = np.column_stack([np.ones_like(log_t), np.log(beta), log_t])
+    free_p = free_p_stderr = None
+    free = np.column_stack([np.ones_like(log_t), log_beta, log_t])
     if len(cells) >= 4 and np.linalg.matrix_rank(free) == 3:  # needs batch sizes that vary apart from T
-        coef, free_cov, _ = _least_squares(free, log_lr)
-        batch_exponent, batch_exponent_stderr = float(coef[1]), float(math.sqrt(free_cov[1, 1]))
+        free_coef, free_cov, free_residual = _least_squares(free, log_lr)
+        free_p, free_p_stderr = float(free_coef[1]), float(math.sqrt(free_cov[1, 1]))
+    if batch_exponent is None:
+        if free_p is None:
+            raise ValueError(
+                "batch_exponent=None fits the batch exponent, which needs >= 4 interior cells over >= 2 batch sizes "
+                f"that vary apart from the token count; got {len(cells)} interior cells over "
+                f"{len({c.batch_tokens for c in cells})} batch size(s)"
+            )
+        keep = [0, 2]  # (ln a, b) out of (ln a, p, b)
+        log_a, b = free_coef[keep]
+        cov, residual = free_cov[np.ix_(keep, keep)], free_residual
+        p, p_stderr = free_p, free_p_stderr
+    else:
+        design = np.column_stack([np.ones_like(log_t), log_t])
+        (log_a, b), cov, residual = _least_squares(design, log_lr - batch_exponent * log_beta)
+        p, p_stderr = float(batch_exponent), None
     return PowerLawFit(
         a=float(math.exp(log_a)),
         b=float(b),
@@ -287,8 +332,10 @@ def fit_power_law(optima: Sequence[CellOptimum], reference_sequence_length: int 
         cells=cells,
         excluded=excluded,
         reference_sequence_length=reference_sequence_length,
-        batch_exponent=batch_exponent,
-        batch_exponent_stderr=batch_exponent_stderr,
+        batch_exponent=p,
+        batch_exponent_stderr=p_stderr,
+        free_batch_exponent=free_p,
+        free_batch_exponent_stderr=free_p_stderr,
     )
 
 
@@ -302,6 +349,18 @@ def _least_squares(design: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, 
 
 def _round(value: float) -> float:
     return float(f"{value:.6g}")
+
+
+def _law(batch_exponent: float) -> str:
+    return "beta * a * T^b" if batch_exponent == 1.0 else f"beta^{batch_exponent:.3g} * a * T^b"
+
+
+def _fitted_p(fit: PowerLawFit) -> str:
+    return (
+        ""
+        if fit.batch_exponent_stderr is None
+        else f", p = {fit.batch_exponent:.3f} +- {fit.batch_exponent_stderr:.3f}"
+    )
 
 
 def read_runs(path: str | Path) -> list[SweepRun]:
@@ -336,19 +395,21 @@ def read_runs(path: str | Path) -> list[SweepRun]:
 
 def format_fit(fit: PowerLawFit) -> str:
     """A table of the cells and the fitted law, each line prefixed with ``#`` so that it stays valid YAML."""
-    lines = [f"# {'batch tokens':>14}{'tokens':>14}{'eta_opt':>12}{'eta_opt/beta':>14}  used"]
+    gamma_name = "eta_opt/beta" if fit.batch_exponent == 1.0 else f"eta_opt/beta^{fit.batch_exponent:.2f}"
+    lines = [f"# {'batch tokens':>14}{'tokens':>14}{'eta_opt':>12}{gamma_name:>19}  used"]
     for cell in sorted(fit.cells + fit.excluded, key=lambda c: (c.batch_tokens, c.tokens)):
-        gamma = cell.lr / (cell.batch_tokens / fit.reference_sequence_length)
+        gamma = cell.lr / (cell.batch_tokens / fit.reference_sequence_length) ** fit.batch_exponent
         used = "yes" if cell.interior else "no (best LR at the grid's edge)"
-        lines.append(f"# {cell.batch_tokens:>14.6g}{cell.tokens:>14.6g}{cell.lr:>12.4g}{gamma:>14.4g}  {used}")
+        lines.append(f"# {cell.batch_tokens:>14.6g}{cell.tokens:>14.6g}{cell.lr:>12.4g}{gamma:>19.4g}  {used}")
     lines.append(
-        f"# fit: a = {fit.a:.4g} +- {fit.a_stderr:.2g}, b = {fit.b:.4f} +- {fit.b_stderr:.4f} (1 sigma), "
-        f"residual std {fit.residual_std:.3f} in ln(LR); the paper's RedPajama fit: a = {PAPER_A}, b = {PAPER_B}"
+        f"# fit of eta_opt = {_law(fit.batch_exponent)}: a = {fit.a:.4g} +- {fit.a_stderr:.2g}, "
+        f"b = {fit.b:.4f} +- {fit.b_stderr:.4f}{_fitted_p(fit)} (1 sigma), residual std {fit.residual_std:.3f} in "
+        f"ln(LR); the paper's RedPajama fit: a = {PAPER_A}, b = {PAPER_B}, p = 1"
     )
-    if fit.batch_exponent is not None:
+    if fit.free_batch_exponent is not None:
         lines.append(
-            f"# free batch exponent: eta_opt ~ beta^{fit.batch_exponent:.2f} +- {fit.batch_exponent_stderr:.2f} "
-            "(the law assumes 1)"
+            f"# free batch exponent: eta_opt ~ beta^{fit.free_batch_exponent:.2f} +- "
+            f"{fit.free_batch_exponent_stderr:.2f} (the paper's law assumes 1)"
         )
     return "\n".join(lines)
 
@@ -361,6 +422,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("runs", help="CSV (columns batch_tokens,tokens,lr,loss) or JSON file of the finished runs")
     parser.add_argument("--reference-sequence-length", type=int, default=4096, help="beta's unit in tokens (4096)")
+    parser.add_argument(
+        "--batch-exponent",
+        default="1",
+        help="p in eta_opt = beta^p * a * T^b: 1 (the paper, default), another number, or 'fit' to fit it too",
+    )
     parser.add_argument("--lr-max", type=float, default=None, help="the LR cap (default: the largest optimal LR found)")
     parser.add_argument("--tokens-per-step", type=int, default=None, help="the target run's tokens per step")
     parser.add_argument("--warmup-tokens", type=float, default=0, help="the target run's warmup tokens")
@@ -373,7 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        fit = fit_power_law(cell_optima(read_runs(args.runs)), args.reference_sequence_length)
+        batch_exponent = None if args.batch_exponent == "fit" else float(args.batch_exponent)
+    except ValueError:
+        parser.error(f"--batch-exponent must be a number in [0, 2] or 'fit', got {args.batch_exponent!r}")
+    try:
+        fit = fit_power_law(cell_optima(read_runs(args.runs)), args.reference_sequence_length, batch_exponent)
     except (OSError, ValueError, KeyError) as error:
         parser.error(str(error))
     print(format_fit(fit))

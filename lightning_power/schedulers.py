@@ -119,7 +119,7 @@ class TokenScheduler(LRScheduler):
 
 
 class PowerScheduler(TokenScheduler):
-    """The Power scheduler (arXiv 2408.13359, Eq. 7-8): LR = min(lr_max, beta * a * n^b), n in tokens.
+    """The Power scheduler (arXiv 2408.13359, Eq. 7-8): LR = min(lr_max, beta^p * a * n^b), n in tokens, p = 1.
 
     The LR of each param group is its initial LR times ``power_lr(n) / lr_max``, see
     :func:`~lightning_power.schedules.power_lr`. beta (the batch in 4096-token sequences) comes from
@@ -141,6 +141,8 @@ class PowerScheduler(TokenScheduler):
         decay_shape: ``"exponential"`` (paper), ``"linear"``, ``"cosine"`` or ``"1-sqrt"``.
         min_lr_ratio: the floor, as a fraction of the LR where the decay starts, in [0, 1).
         reference_sequence_length: the sequence length beta is counted in (4096 in the paper).
+        batch_exponent: p, how the LR grows with the batch: 1 (paper, linear), or what ``lightning-power calibrate``
+            fitted on your sweep (e.g. 0.5, square root).
         last_epoch: optimizer steps already taken; leave at -1 (Lightning restores the state on resume).
 
     Example::
@@ -168,6 +170,7 @@ class PowerScheduler(TokenScheduler):
         decay_shape: Literal["exponential", "linear", "cosine", "1-sqrt"] = "exponential",
         min_lr_ratio: float = 0.0,
         reference_sequence_length: int = 4096,
+        batch_exponent: float = 1.0,
         last_epoch: int = -1,
     ) -> None:
         if lr_max is None:
@@ -182,8 +185,9 @@ class PowerScheduler(TokenScheduler):
             decay_shape=decay_shape,
             min_lr_ratio=min_lr_ratio,
             reference_sequence_length=reference_sequence_length,
+            batch_exponent=batch_exponent,
         )
-        self.a, self.b, self.lr_max = a, b, lr_max
+        self.a, self.b, self.lr_max, self.batch_exponent = a, b, lr_max, batch_exponent
         self.warmup_tokens, self.decay_tokens, self.total_tokens = warmup_tokens, decay_tokens, total_tokens
         self.decay_shape, self.min_lr_ratio = decay_shape, min_lr_ratio
         self.reference_sequence_length = reference_sequence_length
@@ -207,6 +211,7 @@ class PowerScheduler(TokenScheduler):
             decay_shape=self.decay_shape,
             min_lr_ratio=self.min_lr_ratio,
             reference_sequence_length=self.reference_sequence_length,
+            batch_exponent=self.batch_exponent,
         )
         return lr / self.lr_max
 

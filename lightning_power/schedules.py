@@ -67,19 +67,21 @@ def power_lr(
     decay_shape: str = "exponential",
     min_lr_ratio: float = 0.0,
     reference_sequence_length: int = 4096,
+    batch_exponent: float = 1.0,
 ) -> float:
     """The Power scheduler's LR after ``n`` tokens (arXiv 2408.13359, Eq. 7-8).
 
     With beta = ``batch_tokens / reference_sequence_length`` (the batch in the paper's 4096-token sequences),
-    N_w = ``warmup_tokens``, N = ``total_tokens`` and N_d = ``decay_tokens``:
+    p = ``batch_exponent``, N_w = ``warmup_tokens``, N = ``total_tokens`` and N_d = ``decay_tokens``:
 
-    - eta_power(n) = min(lr_max, beta * a * n^b)                                      (Eq. 7)
+    - eta_power(n) = min(lr_max, beta^p * a * n^b)                                    (Eq. 7)
     - n < N_w:              (n / N_w) * eta_power(N_w)    (linear up to the power value at N_w, not to lr_max)
     - N_w <= n <= N - N_d:  eta_power(n)
     - n > N - N_d:          eta_power(N - N_d) * [r + (1 - r) g(u)],  u = (n - (N - N_d)) / N_d clipped to [0, 1]
 
     r is ``min_lr_ratio`` and g is :func:`decay_shape`. Without ``total_tokens`` there is no decay: the schedule
-    needs no horizon. After N the LR is held at the floor.
+    needs no horizon. After N the LR is held at the floor. The paper's law is linear in the batch (p = 1, its
+    Hypothesis 1); a sweep that finds another p (``lightning_power.calibrate``) sets it here.
     """
     check_power_args(
         a=a,
@@ -91,6 +93,7 @@ def power_lr(
         decay_shape=decay_shape,
         min_lr_ratio=min_lr_ratio,
         reference_sequence_length=reference_sequence_length,
+        batch_exponent=batch_exponent,
     )
     check_positive("batch_tokens", batch_tokens)
     check_non_negative("n", n)
@@ -99,7 +102,9 @@ def power_lr(
     def eta_power(tokens: float) -> float:  # Eq. 7
         if tokens == 0:  # the limit of beta * a * n^b as n -> 0+ is +inf, so the cap binds; never evaluate 0^b
             return lr_max
-        log_lr = math.log(beta * a) + b * math.log(tokens)  # in log space: a tiny n with a steep b cannot overflow
+        log_lr = (
+            batch_exponent * math.log(beta) + math.log(a) + b * math.log(tokens)
+        )  # in log space: a tiny n with a steep b cannot overflow
         return lr_max if log_lr >= math.log(lr_max) else min(lr_max, math.exp(log_lr))
 
     decay_start = math.inf if total_tokens is None else total_tokens - decay_tokens
@@ -203,6 +208,7 @@ def check_power_args(
     decay_shape: str,
     min_lr_ratio: float,
     reference_sequence_length: int,
+    batch_exponent: float = 1.0,
 ) -> None:
     """Validate the Power scheduler's settings (see :func:`power_lr`)."""
     check_positive("a", a)
@@ -210,6 +216,11 @@ def check_power_args(
         raise ValueError(f"b must be < 0 (the LR decreases as tokens grow), got {b!r}")
     check_positive("lr_max", lr_max)
     check_positive("reference_sequence_length", reference_sequence_length)
+    if not (isinstance(batch_exponent, (int, float)) and 0 <= batch_exponent <= 2):
+        raise ValueError(
+            f"batch_exponent must be a number in [0, 2] (1: the LR grows linearly with the batch, as in the paper; "
+            f"0.5: with its square root), got {batch_exponent!r}"
+        )
     if total_tokens is None:
         check_non_negative("warmup_tokens", warmup_tokens)
         if decay_tokens != 0:

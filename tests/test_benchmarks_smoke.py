@@ -106,12 +106,44 @@ def test_calibrate_power_smoke(bench, tmp_path):
         assert "interior cells" in result["fit_error"]
     else:
         assert {"a", "b", "a_stderr", "b_stderr"} <= set(result["fit"]) and "PowerScheduler" in result["yaml"]
+    # --analyze refits the saved runs without training and rewrites the same files
+    (tmp_path / "calibrate_power_quick.png").unlink()
+    calibrate_power.main(["--analyze", str(tmp_path / "calibrate_power_quick.json")])
+    again = load(tmp_path / "calibrate_power_quick.json")
+    assert again["runs"] == result["runs"] and again["optima"] == result["optima"]
+    assert (tmp_path / "calibrate_power_quick.png").stat().st_size > 0
+    (tmp_path / "other.json").write_text(json.dumps({"benchmark": "schedule_transfer", "config": {}, "runs": []}))
+    with pytest.raises(SystemExit, match="not a calibrate_power.py result"):
+        calibrate_power.main(["--analyze", str(tmp_path / "other.json")])
+
+
+@pytest.mark.parametrize(("true_p", "law"), [(1.0, "paper (p = 1)"), (0.5, "fitted batch exponent")])
+def test_calibrate_power_keeps_the_paper_law_unless_the_sweep_rejects_it(bench, true_p, law):
+    calibrate_power = bench("calibrate_power")
+    # each cell's optimum is off the law by +-0.1 log2, in a pattern orthogonal to (1, ln beta, ln T): the fit
+    # recovers p and b exactly and still has residuals, so its standard errors are real
+    scatter = (1, -1, -1, 1)
+    runs = []
+    for i, batch in enumerate((512, 1024, 2048, 4096)):
+        for j, tokens in enumerate((2e5, 4e5, 8e5, 1.6e6)):
+            optimum = math.log2(4.0 * (batch / 4096) ** true_p * tokens**-0.5) + 0.1 * scatter[i] * scatter[j]
+            for k in range(-14, -2):
+                loss = 2.0 + 0.05 * (k - optimum) ** 2
+                runs.append({"batch_tokens": batch, "tokens": tokens, "lr": 2.0**k, "loss": loss})
+    summary = calibrate_power.analyze(runs, {"warmup_tokens": 1000})
+    assert summary["law"] == law
+    assert summary["fit"]["batch_exponent"] == pytest.approx(true_p, abs=1e-9)
+    assert summary["fit"]["b"] == pytest.approx(-0.5, abs=1e-9)
+    free = summary["fit_free_batch_exponent"]
+    assert free["batch_exponent"] == pytest.approx(true_p, abs=1e-9) and free["batch_exponent_stderr"] > 0.01
+    assert summary["fit_paper"]["batch_exponent"] == 1.0
+    assert ("batch_exponent:" in summary["yaml"]) == (true_p != 1.0)
 
 
 def test_schedule_transfer_smoke(bench, tmp_path):
     schedule_transfer = bench("schedule_transfer")
     calibration = tmp_path / "calibration.json"
-    calibration.write_text(json.dumps({"fit": {"a": 9.0, "b": -0.5}, "lr_max": 0.05}))
+    calibration.write_text(json.dumps({"fit": {"a": 9.0, "b": -0.5, "batch_exponent": 0.5}, "lr_max": 0.05}))
     argv = [
         *TINY,
         "--width",
@@ -138,6 +170,7 @@ def test_schedule_transfer_smoke(bench, tmp_path):
     cells = {"batch2_tokens256", "batch2_tokens512", "batch4_tokens256", "batch4_tokens512"}
     assert set(result["power_gap_vs_best_wsd"]) == cells
     assert result["power"]["a"] == 9.0 and result["power"]["source"] == str(calibration)
+    assert result["power"]["batch_exponent"] == 0.5
     for cell, gap in result["power_gap_vs_best_wsd"].items():
         entry = result["cells"][cell]
         assert gap == pytest.approx(entry["power"]["loss"] / entry["wsd"]["best_loss"] - 1)

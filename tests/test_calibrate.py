@@ -82,15 +82,56 @@ def test_fit_recovers_a_and_b_exactly_from_a_synthetic_sweep():
     assert fit.a == pytest.approx(A, rel=1e-9)
     assert fit.b == pytest.approx(B, abs=1e-10)
     assert fit.b_stderr < 1e-9 and fit.log_a_stderr < 1e-8
-    assert fit.batch_exponent == pytest.approx(1.0, abs=1e-9)
+    assert fit.batch_exponent == 1.0 and fit.batch_exponent_stderr is None  # the paper's law, p fixed
+    assert fit.free_batch_exponent == pytest.approx(1.0, abs=1e-9)
     # the fitted LR is the law's: beta * a * T^b, e.g. 2 * 4.6 * (1e9)^-0.51
     assert fit.lr(8192, 1e9) == pytest.approx(2 * 4.6 * 1e9**-0.51, rel=1e-9)
 
 
 def test_batch_exponent_reveals_a_law_other_than_linear_in_batch():
-    fit = fit_power_law(cell_optima(synthetic_sweep(batch_exponent=0.5)))
-    assert fit.batch_exponent == pytest.approx(0.5, abs=1e-9)
-    assert fit.b == pytest.approx(B, abs=1e-9)  # the T exponent is still right; a absorbs the averaged batch
+    optima = cell_optima(synthetic_sweep(batch_exponent=0.5))
+    paper = fit_power_law(optima)  # p fixed at 1: the free estimate says the hypothesis fails
+    assert paper.batch_exponent == 1.0
+    assert paper.free_batch_exponent == pytest.approx(0.5, abs=1e-9)
+    assert paper.b == pytest.approx(B, abs=1e-9)  # the T exponent is still right; a absorbs the averaged batch
+    assert paper.residual_std > 0.1  # but the cells scatter around the p = 1 law
+    fitted = fit_power_law(optima, batch_exponent=None)  # p fitted: the law is recovered whole
+    assert fitted.batch_exponent == pytest.approx(0.5, abs=1e-9) and fitted.batch_exponent_stderr < 1e-9
+    assert fitted.a == pytest.approx(A, rel=1e-9) and fitted.b == pytest.approx(B, abs=1e-9)
+    assert fitted.lr(32768, 1e9) == pytest.approx(8**0.5 * A * 1e9**B, rel=1e-9)
+    fixed = fit_power_law(optima, batch_exponent=0.5)  # p given: the same law
+    assert fixed.a == pytest.approx(A, rel=1e-9) and fixed.batch_exponent_stderr is None
+
+
+def test_a_fitted_batch_exponent_reaches_the_scheduler_through_the_yaml(tmp_path, capsys):
+    fit = fit_power_law(cell_optima(synthetic_sweep(batch_exponent=0.5)), batch_exponent=None)
+    config = yaml.safe_load(fit.scheduler_yaml(lr_max=1.0, tokens_per_step=32768))
+    assert config["lr_scheduler"]["init_args"]["batch_exponent"] == pytest.approx(0.5, abs=1e-6)
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), **config["optimizer"]["init_args"])
+    scheduler = PowerScheduler(optimizer, **config["lr_scheduler"]["init_args"])
+    for _ in range(99):
+        optimizer.step()
+        scheduler.step()
+    # 100 steps of 32768 tokens, beta = 8: LR = beta^0.5 * a * n^b, by hand
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(8**0.5 * 4.6 * (100 * 32768) ** -0.51, rel=1e-5)
+    path = tmp_path / "runs.json"
+    runs = synthetic_sweep(batch_exponent=0.5)
+    path.write_text(
+        json.dumps([{"batch_tokens": r.batch_tokens, "tokens": r.tokens, "lr": r.lr, "loss": r.loss} for r in runs])
+    )
+    assert main([str(path), "--batch-exponent", "fit"]) == 0
+    output = capsys.readouterr().out
+    assert "p = 0.500 +- 0.000" in output
+    assert yaml.safe_load(output)["lr_scheduler"]["init_args"]["batch_exponent"] == pytest.approx(0.5, abs=1e-6)
+    with pytest.raises(SystemExit):
+        main([str(path), "--batch-exponent", "sqrt"])
+    assert "--batch-exponent must be a number in [0, 2] or 'fit', got 'sqrt'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"batch_exponent must be a number in \[0, 2\]"):
+        fit_power_law(cell_optima(runs), batch_exponent=3.0)
+    with pytest.raises(ValueError, match=r"batch_exponent=None fits the batch exponent, which needs >= 4"):
+        fit_power_law(
+            [CellOptimum(4096, t, 4.6 * t**-0.51, True) for t in (1e6, 4e6, 1.6e7, 6.4e7)], batch_exponent=None
+        )
 
 
 def test_standard_errors_match_the_spread_of_refits_under_noise():

@@ -137,6 +137,9 @@ def test_step_law_by_hand():
         (dict(min_lr_ratio=-0.1), "min_lr_ratio"),
         (dict(batch_tokens=0), "batch_tokens"),
         (dict(reference_sequence_length=0), "reference_sequence_length"),
+        (dict(batch_exponent=-0.5), "batch_exponent"),
+        (dict(batch_exponent=2.5), "batch_exponent"),
+        (dict(batch_exponent="sqrt"), "batch_exponent"),
     ],
 )
 def test_power_bad_input_names_the_argument(kwargs, argument):
