@@ -74,7 +74,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         MODEL,
         **SCHEDULE_RUN["full"],
         width=256,
-        batch_sizes=[32, 128],
+        batch_sizes=[16, 64],
         token_budgets=[D_FULL, 4 * D_FULL],
         grid_halfwidth=2,
         seeds=2,
