@@ -9,8 +9,8 @@ on RedPajama is a = 4.6, b = -0.51, p = 1. ``schedule_transfer.py`` then uses th
 
 Usage::
 
-    python benchmarks/calibrate_power.py --quick               # 2 CPU cores, width 64, about 20 minutes
-    python benchmarks/calibrate_power.py --device cuda         # one GPU, width 256, about 3 minutes
+    python benchmarks/calibrate_power.py --quick               # 2 CPU cores, width 64, 16 minutes
+    python benchmarks/calibrate_power.py --device cuda         # one GPU, width 256, about 5 minutes (estimated)
     python benchmarks/calibrate_power.py --analyze benchmarks/results/calibrate_power_quick.json  # refit, no training
     lightning-power calibrate benchmarks/results/calibrate_power_quick.json --batch-exponent fit   # the library's CLI
 

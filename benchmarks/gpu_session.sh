@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU measurement of benchmarks/README.md, in two parts that each fit a 10-minute slot on one H100.
+# Every GPU measurement of benchmarks/README.md, in three parts that each fit a 10-minute slot on one H100.
 #
 #   bash benchmarks/gpu_session.sh checks OUT   # CUDA tests, sparsity_overhead.py, gpu_check.py   (~7 min)
-#   bash benchmarks/gpu_session.sh papers OUT   # mup_transfer.py and calibrate_power.py full modes (~7 min)
-#   bash benchmarks/gpu_session.sh schedule OUT # schedule_transfer.py full mode, after papers       (~3 min)
+#   bash benchmarks/gpu_session.sh papers OUT   # mup_transfer.py and calibrate_power.py full modes (~9 min)
+#   bash benchmarks/gpu_session.sh schedule OUT # schedule_transfer.py full mode, after papers       (~5 min)
 #
 # Run from the repository root. Results go to OUT (JSON, PNG, logs); copy them to benchmarks/results/ and the
 # tables to benchmarks/README.md with the machine and date.
@@ -22,10 +22,10 @@ case "$part" in
     ;;
   papers)
     timeout -s TERM 230 python benchmarks/mup_transfer.py --device cuda --out "$out" 2>&1 | tail -30 | tee "$out/mup_transfer.txt"
-    timeout -s TERM 180 python benchmarks/calibrate_power.py --device cuda --out "$out" 2>&1 | tail -30 | tee "$out/calibrate_power.txt"
+    timeout -s TERM 300 python benchmarks/calibrate_power.py --device cuda --out "$out" 2>&1 | tail -30 | tee "$out/calibrate_power.txt"
     ;;
   schedule)
-    timeout -s TERM 180 python benchmarks/schedule_transfer.py --device cuda --out "$out" 2>&1 | tail -30 | tee "$out/schedule_transfer.txt"
+    timeout -s TERM 300 python benchmarks/schedule_transfer.py --device cuda --out "$out" 2>&1 | tail -30 | tee "$out/schedule_transfer.txt"
     ;;
   *)
     echo "unknown part '$part': use checks, papers or schedule" >&2
