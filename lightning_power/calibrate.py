@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_power.schedules import check_positive, check_power_args, power_lr
+from lightning_power.schedules import check_batch_exponent, check_positive, check_power_args, power_lr
 
 PAPER_A, PAPER_B = 4.6, -0.51  # the paper's own fit on RedPajama (arXiv 2408.13359, Eq. 5)
 MIN_CELLS = 3  # two parameters and at least one degree of freedom for the uncertainty
@@ -279,18 +279,7 @@ def fit_power_law(
     """
     check_positive("reference_sequence_length", reference_sequence_length)
     if batch_exponent is not None:
-        check_power_args(  # the same range the scheduler accepts
-            a=1.0,
-            b=-1.0,
-            lr_max=1.0,
-            warmup_tokens=0,
-            decay_tokens=0,
-            total_tokens=None,
-            decay_shape="exponential",
-            min_lr_ratio=0.0,
-            reference_sequence_length=reference_sequence_length,
-            batch_exponent=batch_exponent,
-        )
+        check_batch_exponent(batch_exponent)  # the range the scheduler accepts
     cells = tuple(c for c in optima if c.interior)
     excluded = tuple(c for c in optima if not c.interior)
     if len(cells) < MIN_CELLS or len({c.tokens for c in cells}) < 2:

@@ -179,6 +179,15 @@ def check_decay_shape(shape: str) -> None:
         raise ValueError(f"decay_shape must be one of {DECAY_SHAPES}, got {shape!r}")
 
 
+def check_batch_exponent(batch_exponent: float) -> None:
+    """p in the Power law's beta^p must lie in [0, 2]."""
+    if not (isinstance(batch_exponent, (int, float)) and 0 <= batch_exponent <= 2):
+        raise ValueError(
+            f"batch_exponent must be a number in [0, 2] (1: the LR grows linearly with the batch, as in the paper; "
+            f"0.5: with its square root), got {batch_exponent!r}"
+        )
+
+
 def check_min_lr_ratio(min_lr_ratio: float) -> None:
     """Raise ``ValueError`` unless ``min_lr_ratio`` is in [0, 1)."""
     if not 0.0 <= min_lr_ratio < 1.0:
@@ -216,11 +225,7 @@ def check_power_args(
         raise ValueError(f"b must be < 0 (the LR decreases as tokens grow), got {b!r}")
     check_positive("lr_max", lr_max)
     check_positive("reference_sequence_length", reference_sequence_length)
-    if not (isinstance(batch_exponent, (int, float)) and 0 <= batch_exponent <= 2):
-        raise ValueError(
-            f"batch_exponent must be a number in [0, 2] (1: the LR grows linearly with the batch, as in the paper; "
-            f"0.5: with its square root), got {batch_exponent!r}"
-        )
+    check_batch_exponent(batch_exponent)
     if total_tokens is None:
         check_non_negative("warmup_tokens", warmup_tokens)
         if decay_tokens != 0:
