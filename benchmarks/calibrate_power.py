@@ -52,6 +52,18 @@ from lightning_power.calibrate import PAPER_A, PAPER_B, CellOptimum, SweepRun, c
 
 NAME = "calibrate_power"
 REJECT_SIGMA = 2.0  # the sweep rejects the paper's p = 1 when its free batch exponent lies further than this from 1
+SUMMARY_KEYS = (  # what analyze() writes into the JSON, every key present (None when it does not apply)
+    "optima",
+    "fit",
+    "fit_error",
+    "law",
+    "fit_paper",
+    "fit_free_batch_exponent",
+    "lr_max",
+    "table",
+    "yaml",
+    "yaml_error",
+)
 D_QUICK, D_FULL = TOKENS_D["quick"], TOKENS_D["full"]
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(
@@ -95,11 +107,11 @@ def analyze(runs: list[dict], config: dict[str, Any]) -> dict[str, Any]:
     supports: the paper's, unless the sweep puts p more than ``REJECT_SIGMA`` standard errors from 1. A fit that
     cannot be made is reported with its reason."""
     optima = cell_optima(sweep_runs(runs))
-    summary: dict[str, Any] = {"optima": [_cell(c) for c in optima]}
+    summary: dict[str, Any] = dict.fromkeys(SUMMARY_KEYS) | {"optima": [_cell(c) for c in optima]}
     try:
         paper = fit_power_law(optima)
     except ValueError as error:
-        return summary | {"fit": None, "fit_error": str(error)}
+        return summary | {"fit_error": str(error)}
     try:
         free = fit_power_law(optima, batch_exponent=None)
     except ValueError:
@@ -117,7 +129,7 @@ def analyze(runs: list[dict], config: dict[str, Any]) -> dict[str, Any]:
     try:
         summary["yaml"] = fit.scheduler_yaml(fit.max_optimal_lr, warmup_tokens=config["warmup_tokens"])  # no horizon
     except ValueError as error:  # e.g. b >= 0: the law did not hold in this sweep
-        summary |= {"yaml": None, "yaml_error": str(error)}
+        summary["yaml_error"] = str(error)
     return summary
 
 
@@ -266,9 +278,7 @@ def reanalyze(path: Path) -> int:
         raise SystemExit(f"--analyze {path}: not a {NAME}.py result")
     if not payload.get("runs"):
         raise SystemExit(f"--analyze {path}: holds no finished runs")
-    for key in ("fit", "fit_error", "law", "fit_paper", "fit_free_batch_exponent", "yaml", "yaml_error", "table"):
-        payload.pop(key, None)
-    return report(payload, path)
+    return report(payload, path)  # the new analysis replaces every key of the old one
 
 
 def report(payload: dict[str, Any], path: Path) -> int:

@@ -106,11 +106,16 @@ def test_calibrate_power_smoke(bench, tmp_path):
         assert "interior cells" in result["fit_error"]
     else:
         assert {"a", "b", "a_stderr", "b_stderr"} <= set(result["fit"]) and "PowerScheduler" in result["yaml"]
-    # --analyze refits the saved runs without training and rewrites the same files
+    # --analyze refits the saved runs without training and rewrites the same files, every result key anew
     (tmp_path / "calibrate_power_quick.png").unlink()
-    calibrate_power.main(["--analyze", str(tmp_path / "calibrate_power_quick.json")])
-    again = load(tmp_path / "calibrate_power_quick.json")
+    saved = tmp_path / "calibrate_power_quick.json"
+    saved.write_text(json.dumps(result | {"lr_max": 123.0, "law": "stale"}))
+    calibrate_power.main(["--analyze", str(saved)])
+    again = load(saved)
     assert again["runs"] == result["runs"] and again["optima"] == result["optima"]
+    assert {key: again[key] for key in calibrate_power.SUMMARY_KEYS} == {
+        key: result[key] for key in calibrate_power.SUMMARY_KEYS
+    }
     assert (tmp_path / "calibrate_power_quick.png").stat().st_size > 0
     (tmp_path / "other.json").write_text(json.dumps({"benchmark": "schedule_transfer", "config": {}, "runs": []}))
     with pytest.raises(SystemExit, match="not a calibrate_power.py result"):
