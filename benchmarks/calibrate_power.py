@@ -32,6 +32,7 @@ import numpy as np
 from common import (
     MODEL,
     SCHEDULE_RUN,
+    SWEEP,
     TOKENS_D,
     LRSweep,
     benchmark_parser,
@@ -68,29 +69,21 @@ D_QUICK, D_FULL = TOKENS_D["quick"], TOKENS_D["full"]
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(
         MODEL,
+        **SWEEP["quick"],
         **SCHEDULE_RUN["quick"],
         width=64,
         batch_sizes=[4, 8, 16],
         token_budgets=[D_QUICK, 2 * D_QUICK, 4 * D_QUICK],
         log2_lrs=log2_grid(-9, -6),
-        seeds=2,
-        refine=3,
-        workers=2,
-        train_bytes=4_000_000,
-        val_windows=1024,
     ),
     "full": dict(
         MODEL,
+        **SWEEP["full"],
         **SCHEDULE_RUN["full"],
         width=256,
         batch_sizes=[16, 32, 64],
         token_budgets=[D_FULL, 2 * D_FULL, 4 * D_FULL],
         log2_lrs=log2_grid(-10, -5),
-        seeds=2,
-        refine=3,
-        workers=8,
-        train_bytes=16_000_000,
-        val_windows=2048,
     ),
 }
 

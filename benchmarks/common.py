@@ -46,6 +46,11 @@ SCHEDULE_RUN: dict[str, dict[str, Any]] = {
     mode: {"warmup_tokens": warmup, "decay_fraction": 0.1, "decay_shape": "exponential", "grad_clip": 1.0}
     for mode, warmup in (("quick", 32_768), ("full", 131_072))
 }
+# What every benchmark's preset shares per mode: seeds and refined LRs per sweep, training processes, and the data.
+SWEEP: dict[str, dict[str, Any]] = {
+    "quick": {"seeds": 2, "refine": 3, "workers": 2, "train_bytes": 4_000_000, "val_windows": 1024},
+    "full": {"seeds": 2, "refine": 3, "workers": 8, "train_bytes": 16_000_000, "val_windows": 2048},
+}
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 DIVERGED_LOSS = math.log(256) + 1.0  # well above a uniform guess over bytes
@@ -233,7 +238,7 @@ def load_corpus(path: str | None, context_length: int, train_bytes: int, val_win
         )
         data.setup("fit")
         held_out = len(data.val_set)
-        picks = torch.linspace(0, held_out - 1, min(val_windows, held_out)).round().long().unique()
+        picks = torch.linspace(0, held_out - 1, min(val_windows, held_out)).round().long()  # spacing >= 1: distinct
         val = torch.stack([torch.cat([x, y[-1:]]) for x, y in (data.val_set[i] for i in picks.tolist())])
         _CORPUS_CACHE[key] = Corpus(data.train_set.data, val, context_length)
     return _CORPUS_CACHE[key]

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from common import (
     MODEL,
+    SWEEP,
     LRSweep,
     benchmark_parser,
     build_gpt,
@@ -56,10 +57,9 @@ NAME = "mup_transfer"
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(
         MODEL,
+        **SWEEP["quick"],
         widths=[32, 64, 128, 256],
         log2_lrs=log2_grid(-9, -3),
-        seeds=2,
-        refine=3,
         steps=180,
         warmup=20,
         decay_fraction=0.2,
@@ -67,16 +67,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         grad_clip=1.0,
         batch_size=32,
         parametrizations=["sp", "mup"],
-        workers=2,
-        train_bytes=4_000_000,
-        val_windows=1024,
     ),
     "full": dict(
         MODEL,
+        **SWEEP["full"],
         widths=[128, 256, 512, 1024, 2048],
         log2_lrs=log2_grid(-11, -3),
-        seeds=2,
-        refine=3,
         steps=300,
         warmup=30,
         decay_fraction=0.2,
@@ -84,9 +80,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         grad_clip=1.0,
         batch_size=32,
         parametrizations=["sp", "mup"],
-        workers=8,
-        train_bytes=16_000_000,
-        val_windows=2048,
     ),
 }
 GOAL_DRIFT = 0.5  # muP's optimum may move at most this many log2 units across the widths
