@@ -5,19 +5,29 @@ optimal LR comes from a parabola in log2(LR); ``lightning_power.calibrate`` fits
 ``ln(eta_opt / beta^p) = ln a + b ln T`` (beta = batch tokens / 4096, T = training tokens) twice: with p = 1 (the
 paper's Hypothesis 1) and with p fitted. It prints a, b (and p) with their standard errors and the PowerScheduler YAML
 of the law the sweep supports: the paper's, unless the free p lies more than 2 standard errors from 1. The paper's fit
-on RedPajama is a = 4.6, b = -0.51, p = 1. ``schedule_transfer.py`` then uses the chosen a, b, p and lr_max.
+on RedPajama is a = 4.6, b = -0.51, p = 1.
+
+The fit is the optimum of a constant LR held for the whole budget T, while the Power scheduler runs at
+min(lr_max, beta^p a n^b) after n < T tokens, above it. So, as the paper did before choosing its a = 4 over the
+fitted 4.6 (sec. 4, Table 3), a second stage searches the Power scheduler's own amplitude: Power runs with
+a * 2^k (k on a 0.5-spaced grid, extended at an edge) in one cell of the sweep, ``--amplitude-cell``, by default
+its centre, and a parabola in k gives the best multiplier. ``schedule_transfer.py`` then uses a, b, p and lr_max
+of the ``power`` key: that amplitude and the fit's b, p and lr_max.
 
 Usage::
 
     python benchmarks/calibrate_power.py --quick               # 2 CPU cores, width 64, 16 minutes
     python benchmarks/calibrate_power.py --device cuda         # one GPU, width 256, about 5 minutes (estimated)
+    python benchmarks/calibrate_power.py --quick --resume      # reuse the finished runs in --out, train the rest
     python benchmarks/calibrate_power.py --analyze benchmarks/results/calibrate_power_quick.json  # refit, no training
     lightning-power calibrate benchmarks/results/calibrate_power_quick.json --batch-exponent fit   # the library's CLI
 
 JSON: ``fit`` (the chosen law: ``a``, ``b``, ``batch_exponent``, their standard errors, ``free_batch_exponent``,
-cells), ``law``, ``fit_paper`` and ``fit_free_batch_exponent`` (both fits), ``lr_max``, ``yaml``, ``optima``, ``runs``
-(one record per training run, with ``batch_tokens``, ``tokens``, ``lr`` and ``loss``: the input
-``lightning-power calibrate`` reads), ``config`` and ``environment``.
+cells), ``law``, ``fit_paper`` and ``fit_free_batch_exponent`` (both fits), ``lr_max``, ``amplitude_search`` (the cell,
+mean loss per k, the best ``log2_multiplier`` and the resulting ``a``), ``power`` (the Power scheduler's a, b,
+batch_exponent, lr_max), ``yaml`` (with that a), ``optima``, ``runs`` (one record per WSD run, with
+``batch_tokens``, ``tokens``, ``lr`` and ``loss``: the input ``lightning-power calibrate`` reads),
+``amplitude_runs`` (the Power runs), ``config`` and ``environment``.
 """
 
 from __future__ import annotations
@@ -31,10 +41,12 @@ from typing import Any
 import numpy as np
 from common import (
     MODEL,
+    POWER_LAW,
     SCHEDULE_RUN,
     SWEEP,
     TOKENS_D,
     LRSweep,
+    add_resume_flag,
     benchmark_parser,
     check_args,
     final_loss,
@@ -42,14 +54,25 @@ from common import (
     machine_label,
     matplotlib_pyplot,
     new_payload,
+    replay_finished,
     resolve,
+    run_outcome,
     run_schedule_job,
     run_sweep,
     save_figure,
     write_json,
 )
 
-from lightning_power.calibrate import PAPER_A, PAPER_B, CellOptimum, SweepRun, cell_optima, fit_power_law, format_fit
+from lightning_power.calibrate import (
+    PAPER_A,
+    PAPER_B,
+    CellOptimum,
+    SweepRun,
+    cell_optima,
+    fit_power_law,
+    format_fit,
+    optimal_log2_lr,
+)
 
 NAME = "calibrate_power"
 REJECT_SIGMA = 2.0  # the sweep rejects the paper's p = 1 when its free batch exponent lies further than this from 1
@@ -61,11 +84,14 @@ SUMMARY_KEYS = (  # what analyze() writes into the JSON, every key present (None
     "fit_paper",
     "fit_free_batch_exponent",
     "lr_max",
+    "amplitude_search",
+    "power",
     "table",
     "yaml",
     "yaml_error",
 )
 D_QUICK, D_FULL = TOKENS_D["quick"], TOKENS_D["full"]
+AMPLITUDE_STEP = 0.5  # log2 spacing of the Power amplitude search, a * 2^k
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(
         MODEL,
@@ -75,6 +101,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         batch_sizes=[4, 8, 16],
         token_budgets=[D_QUICK, 2 * D_QUICK, 4 * D_QUICK],
         log2_lrs=log2_grid(-9, -6),
+        amplitude_search=True,
+        amplitude_cell=[8, 2 * D_QUICK],
+        log2_amplitudes=log2_grid(-1, 1, AMPLITUDE_STEP),
     ),
     "full": dict(
         MODEL,
@@ -84,6 +113,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         batch_sizes=[16, 32, 64],
         token_budgets=[D_FULL, 2 * D_FULL, 4 * D_FULL],
         log2_lrs=log2_grid(-10, -5),
+        amplitude_search=True,
+        amplitude_cell=[32, 2 * D_FULL],
+        log2_amplitudes=log2_grid(-1, 1, AMPLITUDE_STEP),
     ),
 }
 
@@ -95,10 +127,11 @@ def sweep_runs(runs: list[dict]) -> list[SweepRun]:
     ]
 
 
-def analyze(runs: list[dict], config: dict[str, Any]) -> dict[str, Any]:
-    """Cell optima, the paper's fit (p = 1), the fit with a free batch exponent p, and the YAML of the law the sweep
-    supports: the paper's, unless the sweep puts p more than ``REJECT_SIGMA`` standard errors from 1. A fit that
-    cannot be made is reported with its reason."""
+def analyze(runs: list[dict], amplitude_runs: list[dict], config: dict[str, Any]) -> dict[str, Any]:
+    """Cell optima, the paper's fit (p = 1), the fit with a free batch exponent p, the Power scheduler's amplitude
+    search, and the YAML of the law the sweep supports: the paper's, unless the sweep puts p more than
+    ``REJECT_SIGMA`` standard errors from 1, with the searched amplitude. A fit that cannot be made is reported with
+    its reason."""
     optima = cell_optima(sweep_runs(runs))
     summary: dict[str, Any] = dict.fromkeys(SUMMARY_KEYS) | {"optima": [_cell(c) for c in optima]}
     try:
@@ -111,19 +144,65 @@ def analyze(runs: list[dict], config: dict[str, Any]) -> dict[str, Any]:
         free = None
     rejected = free is not None and abs(free.batch_exponent - 1) > REJECT_SIGMA * free.batch_exponent_stderr
     fit = free if rejected else paper
+    law = {"a": fit.a, "b": fit.b, "batch_exponent": fit.batch_exponent, "lr_max": fit.max_optimal_lr}
+    search = amplitude_search(amplitude_runs, law)
+    searched = search is not None and search["error"] is None
     summary |= {
         "fit": fit.to_dict(),
         "law": "fitted batch exponent" if rejected else "paper (p = 1)",
         "fit_paper": paper.to_dict(),
         "fit_free_batch_exponent": None if free is None else free.to_dict(),
         "lr_max": fit.max_optimal_lr,
+        "amplitude_search": search,
+        "power": law | {"a": search["a"] if searched else fit.a, "amplitude_searched": searched},
         "table": format_fit(paper) + ("\n" + format_fit(free) if free is not None else ""),
     }
     try:
-        summary["yaml"] = fit.scheduler_yaml(fit.max_optimal_lr, warmup_tokens=config["warmup_tokens"])  # no horizon
+        summary["yaml"] = fit.scheduler_yaml(
+            fit.max_optimal_lr, warmup_tokens=config["warmup_tokens"], a=summary["power"]["a"]
+        )  # no horizon
     except ValueError as error:  # e.g. b >= 0: the law did not hold in this sweep
         summary["yaml_error"] = str(error)
     return summary
+
+
+def amplitude_search(runs: list[dict], law: dict[str, float]) -> dict[str, Any] | None:
+    """The Power scheduler's best amplitude a * 2^k from its runs around ``law`` (the paper's sec. 4 search of a):
+    the mean loss per k over seeds and the vertex of a parabola in k. ``None`` without runs; ``error`` says why no
+    amplitude follows (the runs searched around another law, or all diverged)."""
+    if not runs:
+        return None
+    result: dict[str, Any] = {
+        "cell": [runs[0]["batch_size"], runs[0]["tokens"]],
+        "mean_loss": None,
+        "seeds": None,
+        "log2_multiplier": None,
+        "interior": None,
+        "a": None,
+        "error": None,
+    }
+    around = [
+        any(r["power"][key] != law[key] for key in POWER_LAW if key != "a")
+        or not math.isclose(r["power"]["a"], law["a"] * 2.0 ** r["log2_amplitude"], rel_tol=1e-9)
+        for r in runs
+    ]
+    if any(around):
+        return result | {"error": "the amplitude runs searched around another law than this fit: rerun the search"}
+    losses: dict[float, list[float]] = {}
+    for r in runs:
+        losses.setdefault(r["log2_amplitude"], []).append(final_loss(r))
+    means = {k: float(np.mean(v)) if all(map(math.isfinite, v)) else math.inf for k, v in sorted(losses.items())}
+    try:
+        best, interior = optimal_log2_lr([2.0**k for k in means], list(means.values()))
+    except ValueError as error:
+        return result | {"error": str(error)}
+    return result | {
+        "mean_loss": {str(k): loss for k, loss in means.items()},
+        "seeds": {str(k): len(v) for k, v in sorted(losses.items())},
+        "log2_multiplier": best,
+        "interior": interior,
+        "a": law["a"] * 2.0**best,
+    }
 
 
 def _cell(c: CellOptimum) -> dict[str, Any]:
@@ -138,7 +217,9 @@ def _cell(c: CellOptimum) -> dict[str, Any]:
 
 def plot(summary: dict[str, Any], payload: dict[str, Any], path: Path) -> None:
     plt = matplotlib_pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    search = summary.get("amplitude_search")
+    panels = 3 if search and search["mean_loss"] else 2
+    fig, (left, right, *rest) = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
     optima = summary["optima"]
     batches = sorted({c["batch_tokens"] for c in optima})
     colors = dict(zip(batches, plt.cm.viridis(np.linspace(0, 0.9, len(batches)))))
@@ -179,7 +260,18 @@ def plot(summary: dict[str, Any], payload: dict[str, Any], path: Path) -> None:
             fontsize=9,
         )
     right.set(xscale="log", yscale="log", xlabel="beta (batch tokens / 4096)", ylabel="eta_opt (base LR, muP)")
-    for ax in (left, right):
+    for ax in rest:  # the Power scheduler's amplitude search
+        ks = [float(k) for k in search["mean_loss"]]
+        ax.plot(ks, list(search["mean_loss"].values()), "o-", color="tab:green")
+        ax.axvline(search["log2_multiplier"], color="k", ls=":", lw=1)
+        batch, tokens = search["cell"]
+        ax.set_title(
+            f"Power at a x 2^k, batch {batch}, {tokens} tokens: best k = {search['log2_multiplier']:+.2f}, "
+            f"a = {search['a']:.3g}",
+            fontsize=9,
+        )
+        ax.set(xlabel="k (log2 of the amplitude multiplier)", ylabel="validation loss (mean over seeds)")
+    for ax in (left, right, *rest):
         ax.grid(alpha=0.3, which="both")
     fig.suptitle(
         f"Power-law calibration, muP demo GPT width {payload['config']['width']} "
@@ -200,6 +292,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refine", type=int, help="LRs around seed 0's optimum that the other seeds run")
     parser.add_argument("--warmup-tokens", type=int, help="warmup tokens (the same for every run)")
     parser.add_argument(
+        "--amplitude-cell",
+        type=int,
+        nargs=2,
+        metavar=("BATCH", "TOKENS"),
+        help="where Power searches its amplitude a * 2^k (default: the sweep's centre cell)",
+    )
+    parser.add_argument(
+        "--log2-amplitudes", type=float, nargs="+", help=f"the starting grid of k, {AMPLITUDE_STEP} apart"
+    )
+    parser.add_argument(
+        "--no-amplitude-search",
+        dest="amplitude_search",
+        action="store_false",
+        default=None,
+        help="keep the fit's a for the Power scheduler (no Power runs)",
+    )
+    add_resume_flag(parser)
+    parser.add_argument(
         "--analyze", metavar="JSON", help="refit and redraw a saved sweep (this script's JSON); no runs"
     )
     args = parser.parse_args(argv)
@@ -208,16 +318,22 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "full"
     config = resolve(args, PRESETS[mode]) | {"mode": mode, "device": args.device, "data": args.data}
     check_args(config)
-    for batch in config["batch_sizes"]:
-        for tokens in config["token_budgets"]:
-            if tokens % (batch * config["context_length"]) or tokens // (batch * config["context_length"]) < 4:
-                parser.error(
-                    f"token budget {tokens} must be a multiple of batch {batch} x context "
-                    f"{config['context_length']}, and at least 4 steps"
-                )
+    cells = [(b, t) for b in config["batch_sizes"] for t in config["token_budgets"]]
+    for batch, tokens in [*cells, tuple(config["amplitude_cell"])]:
+        if tokens % (batch * config["context_length"]) or tokens // (batch * config["context_length"]) < 4:
+            parser.error(
+                f"token budget {tokens} must be a multiple of batch {batch} x context "
+                f"{config['context_length']}, and at least 4 steps"
+            )
+    steps = [k / AMPLITUDE_STEP for k in config["log2_amplitudes"]]
+    if any(abs(x - round(x)) > 1e-9 for x in steps):
+        parser.error(f"--log2-amplitudes must be multiples of {AMPLITUDE_STEP}, got {config['log2_amplitudes']}")
     out = Path(args.out)
+    path = out / f"{NAME}_{mode}.json"
+    replay = replay_finished(path, config, args.device, ("runs", "amplitude_runs")) if args.resume else None
     payload = new_payload(NAME, config, args.device)
     runs: list[dict] = []
+    amplitude_runs: list[dict] = []
     sweep = LRSweep(config["seeds"], config["refine"])
 
     def jobs_for(batch: int, tokens: int, lr_seeds: list[tuple[float, int]]) -> list[dict[str, Any]]:
@@ -234,12 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             for x, seed in lr_seeds
         ]
 
-    jobs = [
-        job
-        for b in config["batch_sizes"]
-        for t in config["token_budgets"]
-        for job in jobs_for(b, t, sweep.start((b, t), config["log2_lrs"]))
-    ]
+    jobs = [job for b, t in cells for job in jobs_for(b, t, sweep.start((b, t), config["log2_lrs"]))]
 
     def on_result(job: dict[str, Any], record: dict[str, Any]) -> list[dict[str, Any]]:
         record["loss"] = final_loss(record)  # inf (null in JSON) = blew up; the field `lightning-power calibrate` reads
@@ -247,18 +358,66 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(record)
         print(
             f"[{len(runs):4d}] batch {record['batch_size']:4d} tokens {record['tokens']:9d} "
-            f"lr 2^{record['log2_lr']:+.1f} seed {record['seed']}: loss {record['val_loss']:.4f} "
-            f"({record['seconds']:.1f} s)",
+            f"lr 2^{record['log2_lr']:+.1f} seed {record['seed']}: {run_outcome(record)}",
             flush=True,
         )
-        write_json(out / f"{NAME}_{mode}.json", payload | {"runs": runs})
+        write_json(path, payload | {"runs": runs})
         key = (job["batch_size"], job["tokens"])
         return jobs_for(*key, sweep.record(key, job["log2_lr"], job["seed"], record["loss"]))
 
-    payload["complete"] = run_sweep(jobs, run_schedule_job, config, args.device, on_result, runs)
+    complete = run_sweep(jobs, run_schedule_job, config, args.device, on_result, runs, replay)
     if not runs:
         return 1
-    return report(payload | {"runs": runs}, out / f"{NAME}_{mode}.json")
+    law = analyze(runs, [], config)["power"]
+    if complete and config["amplitude_search"] and law is not None and law["b"] < 0:
+        complete = search_amplitude(law, config, payload | {"runs": runs}, amplitude_runs, path, replay)
+    return report(payload | {"runs": runs, "amplitude_runs": amplitude_runs, "complete": complete}, path)
+
+
+def search_amplitude(
+    law: dict[str, Any],
+    config: dict[str, Any],
+    payload: dict[str, Any],
+    amplitude_runs: list[dict],
+    path: Path,
+    replay: Any,
+) -> bool:
+    """The second stage: Power with the fitted law at a * 2^k in ``config["amplitude_cell"]``, k from
+    ``config["log2_amplitudes"]``, extended past an edge and refined with more seeds like an LR sweep. Appends the
+    records (with ``log2_amplitude`` = k) to ``amplitude_runs``; True when every run finished."""
+    batch, tokens = config["amplitude_cell"]
+    law = {key: law[key] for key in POWER_LAW}
+    sweep = LRSweep(config["seeds"], config["refine"], step=AMPLITUDE_STEP)
+
+    def jobs_for(k_seeds: list[tuple[float, int]]) -> list[dict[str, Any]]:
+        return [
+            {
+                "schedule": "power",
+                "batch_size": batch,
+                "tokens": tokens,
+                "log2_lr": math.log2(law["lr_max"]),
+                "seed": seed,
+                "cost": tokens,
+                "config": config,
+                "power": law | {"a": law["a"] * 2.0**k},
+                "log2_amplitude": k,
+            }
+            for k, seed in k_seeds
+        ]
+
+    def on_result(job: dict[str, Any], record: dict[str, Any]) -> list[dict[str, Any]]:
+        record |= {"log2_amplitude": job["log2_amplitude"], "loss": final_loss(record), "curve": None}
+        amplitude_runs.append(record)
+        print(
+            f"[power {len(amplitude_runs):3d}] batch {batch} tokens {tokens} a x 2^{job['log2_amplitude']:+.1f} "
+            f"= {job['power']['a']:.4g} seed {record['seed']}: {run_outcome(record)}",
+            flush=True,
+        )
+        write_json(path, payload | {"amplitude_runs": amplitude_runs})
+        return jobs_for(sweep.record("k", job["log2_amplitude"], job["seed"], record["loss"]))
+
+    jobs = jobs_for(sweep.start("k", config["log2_amplitudes"]))
+    return run_sweep(jobs, run_schedule_job, config, config["device"], on_result, amplitude_runs, replay)
 
 
 def reanalyze(path: Path) -> int:
@@ -275,8 +434,9 @@ def reanalyze(path: Path) -> int:
 
 
 def report(payload: dict[str, Any], path: Path) -> int:
-    """Analyze ``payload["runs"]``, write the JSON to ``path`` and the figure beside it, print the result."""
-    summary = analyze(payload["runs"], payload["config"])
+    """Analyze ``payload["runs"]`` and ``payload["amplitude_runs"]``, write the JSON to ``path`` and the figure beside
+    it, print the result."""
+    summary = analyze(payload["runs"], payload.get("amplitude_runs") or [], payload["config"])
     payload |= summary
     write_json(path, payload)
     plot(summary, payload, path.with_suffix(".png"))
@@ -284,6 +444,17 @@ def report(payload: dict[str, Any], path: Path) -> int:
         print(f"no fit: {summary['fit_error']}")
     else:
         print(summary["table"])
+        search = summary["amplitude_search"]
+        if search is not None:
+            print(
+                f"Power amplitude search at batch {search['cell'][0]}, {search['cell'][1]} tokens: "
+                + (
+                    f"best a = fit's a x 2^{search['log2_multiplier']:+.2f} = {search['a']:.4g}"
+                    f"{'' if search['interior'] else ' (at the grid edge)'}"
+                    if search["error"] is None
+                    else f"no amplitude: {search['error']}"
+                )
+            )
         if summary["yaml"]:
             print(summary["yaml"], end="")
         else:

@@ -139,6 +139,15 @@ def benchmark_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_resume_flag(parser: argparse.ArgumentParser) -> None:
+    """``--resume``, for the scripts whose runs :func:`replay_finished` can replay."""
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the finished runs of the result already in --out (same settings and machine); train the rest",
+    )
+
+
 def resolve(args: argparse.Namespace, preset: Mapping[str, Any]) -> dict[str, Any]:
     """The preset with every flag the user gave (not ``None``) on top; records which ones changed it."""
     config = dict(preset)
@@ -430,6 +439,7 @@ def run_schedule_job(job: dict[str, Any]) -> dict[str, Any]:
     model, plan = build_gpt(c["width"], "mup", c, seed=job["seed"])
     model.to(c["device"])
     optimizer = make_optimizer(model, plan, 2.0 ** job["log2_lr"])
+    power = job_power(job)
     batch_tokens = job["batch_size"] * c["context_length"]
     steps = job["tokens"] // batch_tokens
     scheduler = make_scheduler(
@@ -440,7 +450,7 @@ def run_schedule_job(job: dict[str, Any]) -> dict[str, Any]:
         warmup_tokens=c["warmup_tokens"],
         decay_fraction=c["decay_fraction"],
         decay_shape=c["decay_shape"],
-        power=c.get("power"),
+        power=power,
     )
     result = train(
         model,
@@ -454,7 +464,83 @@ def run_schedule_job(job: dict[str, Any]) -> dict[str, Any]:
         grad_clip=c["grad_clip"],
     )
     record = {key: job[key] for key in ("schedule", "batch_size", "tokens", "log2_lr", "seed")}
+    if job["schedule"] == "power":
+        record["power"] = dict(power)
     return {**record, "batch_tokens": batch_tokens, "lr": 2.0 ** job["log2_lr"], **result.to_dict()}
+
+
+def run_outcome(record: Mapping[str, Any]) -> str:
+    """The end of a run's progress line: its validation loss, its seconds, and whether ``--resume`` replayed it."""
+    return f"loss {record['val_loss']:.4f} ({record['seconds']:.1f} s{', replayed' if record.get('replayed') else ''})"
+
+
+def job_power(job: Mapping[str, Any]) -> Mapping[str, float] | None:
+    """The Power law a job trains with: its own ``job["power"]`` (a search over a), else its config's."""
+    return job.get("power") or job["config"].get("power")
+
+
+# --------------------------------------------------------------------------------------------------- resuming
+# What a schedule run's result depends on besides its job (schedule, cell, LR, seed, Power law): the model, the data,
+# the schedule's shared phases, and the machine's software and hardware (runs repeat bit for bit only on the same).
+RUN_SETTINGS = (*MODEL, *SCHEDULE_RUN["quick"], "width", "train_bytes", "val_windows", "data", "device")
+RUN_MACHINE = ("torch", "device", "gpu", "cpu", "cpu_count")
+POWER_LAW = ("a", "b", "batch_exponent", "lr_max")
+
+
+def run_key(run: Mapping[str, Any], power: Mapping[str, float] | None) -> tuple:
+    """What identifies a schedule run (a job or its record): schedule, cell, LR and seed, and for Power its law."""
+    law = tuple(power.get(key, 1.0 if key == "batch_exponent" else None) for key in POWER_LAW) if power else None
+    return (
+        run["schedule"],
+        run["batch_size"],
+        run["tokens"],
+        run["log2_lr"],
+        run["seed"],
+        law if run["schedule"] == "power" else None,
+    )
+
+
+def replay_finished(
+    path: Path, config: Mapping[str, Any], device: str, run_lists: Iterable[str] = ("runs",)
+) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
+    """``--resume``: answer a job from an earlier result at ``path`` when that result holds the same run.
+
+    The earlier result must come from the same script with the same ``RUN_SETTINGS`` on the same ``RUN_MACHINE``,
+    else ``SystemExit`` says what differs. Returns ``replay(job)``: a copy of the finished record (marked
+    ``"replayed": True``), or ``None`` when the job must train. ``run_lists`` are the payload keys holding records.
+    """
+    try:
+        previous = json.loads(path.read_text())
+    except FileNotFoundError:
+        print(f"--resume: {path} does not exist yet, so every run trains", file=sys.stderr)
+        return lambda job: None
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--resume: cannot read {path} ({error})") from None
+    settings = {key: config.get(key) for key in RUN_SETTINGS}
+    before = {key: previous.get("config", {}).get(key) for key in RUN_SETTINGS}
+    machine = environment(device)
+    if settings != before:
+        changed = {key: (before[key], settings[key]) for key in RUN_SETTINGS if before[key] != settings[key]}
+        raise SystemExit(f"--resume: {path} ran other settings (earlier, now): {changed}; drop --resume or --out")
+    for key in RUN_MACHINE:
+        if previous.get("environment", {}).get(key) != machine.get(key):
+            raise SystemExit(
+                f"--resume: {path} ran on another machine ({key}: {previous['environment'].get(key)!r}, now "
+                f"{machine.get(key)!r}); its runs would not repeat bit for bit here"
+            )
+    default_power = previous.get("config", {}).get("power")
+    finished = {
+        run_key(record, record.get("power") or default_power): record
+        for name in run_lists
+        for record in previous.get(name) or []
+    }
+    print(f"--resume: {len(finished)} finished runs in {path}", file=sys.stderr)
+
+    def replay(job: dict[str, Any]) -> dict[str, Any] | None:
+        record = finished.get(run_key(job, job_power(job)))
+        return None if record is None else {**record, "replayed": True}
+
+    return replay
 
 
 # --------------------------------------------------------------------------------------------------- job pool
@@ -475,11 +561,12 @@ def run_sweep(
     device: str,
     on_result: Callable[[dict[str, Any], dict[str, Any]], list[dict[str, Any]]],
     runs: list[dict],
+    replay: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
 ) -> bool:
     """:func:`run_jobs` with the config's workers; True when every job ran, False when SIGTERM or Ctrl-C stopped it
     (``runs`` then holds what finished)."""
     try:
-        run_jobs(jobs, job_fn, workers=config["workers"], device=device, on_result=on_result)
+        run_jobs(jobs, job_fn, workers=config["workers"], device=device, on_result=on_result, replay=replay)
         return True
     except (KeyboardInterrupt, Interrupted):
         print(f"interrupted: writing the {len(runs)} finished runs", file=sys.stderr)
@@ -493,15 +580,31 @@ def run_jobs(
     workers: int,
     device: str,
     on_result: Callable[[dict[str, Any], dict[str, Any]], Iterable[dict[str, Any]]],
+    replay: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
 ) -> None:
     """Run ``worker(job)`` for every job in ``workers`` processes, costliest first (``job["cost"]``).
 
-    ``on_result(job, result)`` runs in this process as each job finishes and may return follow-up jobs. One worker
+    ``on_result(job, result)`` runs in this process as each job finishes and may return follow-up jobs. A job that
+    ``replay(job)`` answers with a result (``--resume``) goes to ``on_result`` at once and never trains. One worker
     runs in this process. Several share the CPU cores (one thread each, at least) or the one GPU. SIGTERM raises
     :class:`Interrupted` here after the workers are stopped, so the caller can save the partial results. Training
     flushes denormal floats to zero (Adam's second moments of tiny gradients would otherwise crawl on x86 CPUs).
     """
-    pending = sorted(jobs, key=lambda job: -job["cost"])
+    pending: list[dict[str, Any]] = []
+
+    def add(new_jobs: Iterable[dict[str, Any]]) -> None:
+        """Queue new jobs costliest first; hand the replayed ones (and the follow-ups they lead to) on at once."""
+        todo = list(new_jobs)
+        while todo:
+            job = todo.pop()
+            result = replay(job) if replay is not None else None
+            if result is None:
+                pending.append(job)
+            else:
+                todo += on_result(job, result)
+        pending.sort(key=lambda j: -j["cost"])
+
+    add(jobs)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         if workers == 1:
@@ -509,7 +612,7 @@ def run_jobs(
             try:
                 while pending:
                     job = pending.pop(0)
-                    pending = sorted([*pending, *on_result(job, worker(job))], key=lambda j: -j["cost"])
+                    add(on_result(job, worker(job)))
             finally:
                 torch.set_flush_denormal(False)  # back to PyTorch's default for the rest of this process
             return
@@ -534,7 +637,7 @@ def run_jobs(
                 running -= 1
                 if error is not None:
                     raise RuntimeError(f"job {job} failed") from error
-                pending = sorted([*pending, *on_result(job, result)], key=lambda j: -j["cost"])
+                add(on_result(job, result))
             pool.close()
         finally:
             pool.terminate()  # stops runs still in flight after an error or SIGTERM

@@ -6,15 +6,17 @@ scheduler at **one fixed** (a, b, p, lr_max) for all cells. It reports per cell 
 loss, and ``power_gap_vs_best_wsd`` = Power's loss / best WSD loss - 1; the goal is <= 1 % in every cell. All
 schedules share the warmup (in tokens) and end with the same decay over the last 10 % (exponential to 0, the paper's).
 
-(a, b, p, lr_max) come from ``--calibration`` (a ``calibrate_power.py`` JSON: the law it chose; by default
-``<out>/calibrate_power_<mode>.json`` when it exists), else the paper's defaults a = 4, b = -0.51, p = 1,
-lr_max = 0.02; ``--a``, ``--b``, ``--batch-exponent``, ``--lr-max`` override. p is the batch exponent of the law,
-LR = min(lr_max, beta^p * a * n^b).
+(a, b, p, lr_max) come from ``--calibration`` (a ``calibrate_power.py`` JSON: its ``power`` key, the law it chose
+with the amplitude its Power search found; by default ``<out>/calibrate_power_<mode>.json`` when it exists), else
+the paper's defaults a = 4, b = -0.51, p = 1, lr_max = 0.02; ``--a``, ``--b``, ``--batch-exponent``, ``--lr-max``
+override. p is the batch exponent of the law, LR = min(lr_max, beta^p * a * n^b). The WSD and cosine grids centre
+on the fitted law's optimum (the fit's own a).
 
 Usage::
 
     python benchmarks/calibrate_power.py --quick && python benchmarks/schedule_transfer.py --quick   # CPU
     python benchmarks/calibrate_power.py && python benchmarks/schedule_transfer.py                   # GPU
+    python benchmarks/schedule_transfer.py --quick --resume   # reuse the finished runs in --out, train the rest
 
 JSON: ``power_gap_vs_best_wsd.{cell}``, ``power_gap_vs_best_cosine.{cell}``, ``cells`` (per cell: best LRs and
 losses, Power's loss and seeds), ``goals``, ``power`` (a, b, batch_exponent, lr_max, source), ``runs`` (with train
@@ -38,13 +40,16 @@ from common import (
     SWEEP,
     TOKENS_D,
     LRSweep,
+    add_resume_flag,
     benchmark_parser,
     check_args,
     final_loss,
     machine_label,
     matplotlib_pyplot,
     new_payload,
+    replay_finished,
     resolve,
+    run_outcome,
     run_schedule_job,
     run_sweep,
     save_figure,
@@ -86,20 +91,24 @@ def cell_key(batch_size: int, tokens: int) -> str:
 
 
 def power_settings(args: argparse.Namespace, out: Path, mode: str) -> dict[str, Any]:
-    """(a, b, batch_exponent, lr_max) and where they came from: a calibration file, else the paper; flags override
-    each value."""
+    """(a, b, batch_exponent, lr_max), where they came from (a calibration file, else the paper; flags override each
+    value), and ``grid_a``: the a of the fitted WSD law that centres the tuning grids."""
     path = Path(args.calibration) if args.calibration else out / f"calibrate_power_{mode}.json"
     settings = dict(PAPER_POWER, source="paper defaults (arXiv 2408.13359, section 4)")
     if path.exists():
         calibration = json.loads(path.read_text())
         if not calibration.get("fit"):
             raise SystemExit(f"--calibration {path} holds no fit: {calibration.get('fit_error', 'no finished runs')}")
-        settings = {
-            "a": calibration["fit"]["a"],
-            "b": calibration["fit"]["b"],
-            "batch_exponent": calibration["fit"].get("batch_exponent", 1.0),
+        fit = calibration["fit"]
+        law = calibration.get("power") or {  # a calibration from before the amplitude search: the fit itself
+            "a": fit["a"],
+            "b": fit["b"],
+            "batch_exponent": fit.get("batch_exponent", 1.0),
             "lr_max": calibration["lr_max"],
-            "source": str(path),
+        }
+        settings = {key: law[key] for key in ("a", "b", "batch_exponent", "lr_max")} | {
+            "grid_a": fit["a"],
+            "source": str(path) + ("; a from its Power amplitude search" if law.get("amplitude_searched") else ""),
         }
     elif args.calibration:
         raise SystemExit(f"--calibration {path} does not exist")
@@ -122,7 +131,7 @@ def predicted_log2_lr(power: dict[str, Any], batch_tokens: int, tokens: int) -> 
     lr = power_lr(
         tokens,
         batch_tokens=batch_tokens,
-        a=power["a"],
+        a=power.get("grid_a", power["a"]),
         b=power["b"],
         lr_max=power["lr_max"],
         batch_exponent=power["batch_exponent"],
@@ -265,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, help="seeds of Power and of the tuned schedules near their optimum")
     parser.add_argument("--refine", type=int, help="LRs around seed 0's optimum that the other seeds run")
     parser.add_argument("--warmup-tokens", type=int, help="warmup tokens (the same for every run)")
+    add_resume_flag(parser)
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
     out = Path(args.out)
@@ -278,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"token budget {tokens} must be a multiple of batch {batch} x context "
                     f"{config['context_length']}, and at least 4 steps"
                 )
+    path = out / f"{NAME}_{mode}.json"
+    replay = replay_finished(path, config, args.device) if args.resume else None
     payload = new_payload(NAME, config, args.device, power=power)
     runs: list[dict] = []
     sweep = LRSweep(config["seeds"], config["refine"])
@@ -309,25 +321,24 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(record)
         print(
             f"[{len(runs):4d}] {record['schedule']:>6} batch {record['batch_size']:4d} tokens {record['tokens']:9d} "
-            f"lr 2^{record['log2_lr']:+.2f} seed {record['seed']}: loss {record['val_loss']:.4f} "
-            f"({record['seconds']:.1f} s)",
+            f"lr 2^{record['log2_lr']:+.2f} seed {record['seed']}: {run_outcome(record)}",
             flush=True,
         )
-        write_json(out / f"{NAME}_{mode}.json", payload | {"runs": runs})
+        write_json(path, payload | {"runs": runs})
         if job["schedule"] == "power":
             return []
         key = (job["schedule"], job["batch_size"], job["tokens"])
         return jobs_for(*key, sweep.record(key, job["log2_lr"], job["seed"], final_loss(record)))
 
-    payload["complete"] = run_sweep(jobs, run_schedule_job, config, args.device, on_result, runs)
+    payload["complete"] = run_sweep(jobs, run_schedule_job, config, args.device, on_result, runs, replay)
     if not runs:
         return 1
     summary = analyze(runs, config)
     payload |= summary | {"runs": runs}
-    write_json(out / f"{NAME}_{mode}.json", payload)
-    plot(summary, runs, payload, out / f"{NAME}_{mode}.png")
+    write_json(path, payload)
+    plot(summary, runs, payload, path.with_suffix(".png"))
     print_table(summary, power)
-    print(f"wrote {out / f'{NAME}_{mode}.json'} and .png")
+    print(f"wrote {path} and {path.with_suffix('.png').name}")
     return 0 if payload["complete"] else 1
 
 

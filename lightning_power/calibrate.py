@@ -202,13 +202,17 @@ class PowerLawFit:
         total_tokens: int | None = None,
         decay_fraction: float = 0.1,
         decay_shape: str = "exponential",
+        a: float | None = None,
     ) -> str:
         """``optimizer:`` and ``lr_scheduler:`` YAML for ``lightning-power fit`` with this fit's ``a`` and ``b``.
 
         The optimizer LR is ``lr_max``, the LR the schedule scales (under muP, the base LR). With ``total_tokens``
         the run ends with a decay over its last ``decay_fraction`` (the paper: exponential to 0 over the last 10 %);
         without it the schedule has no horizon. Leave ``tokens_per_step`` out when a ``TokenCounter`` measures it.
+        ``a`` replaces the fit's amplitude when a search of the Power scheduler itself chose another (the paper
+        fitted 4.6 and chose 4 after such a search, arXiv 2408.13359 sec. 4).
         """
+        amplitude = self.a if a is None else a
         if not 0 <= decay_fraction <= 1:
             raise ValueError(f"decay_fraction must be in [0, 1], got {decay_fraction!r}")
         if not self.b < 0:
@@ -219,7 +223,7 @@ class PowerLawFit:
             )
         decay_tokens = 0 if total_tokens is None else int(decay_fraction * total_tokens)
         check_power_args(
-            a=self.a,
+            a=amplitude,
             b=self.b,
             lr_max=lr_max,
             warmup_tokens=warmup_tokens,
@@ -230,7 +234,7 @@ class PowerLawFit:
             reference_sequence_length=self.reference_sequence_length,
             batch_exponent=self.batch_exponent,
         )
-        args: dict[str, Any] = {"a": _round(self.a), "b": _round(self.b), "lr_max": _round(lr_max)}
+        args: dict[str, Any] = {"a": _round(amplitude), "b": _round(self.b), "lr_max": _round(lr_max)}
         if tokens_per_step is not None:
             args["tokens_per_step"] = int(tokens_per_step)
         counter = (
@@ -253,6 +257,11 @@ class PowerLawFit:
                 f"# a = {self.a:.4g} (1 sigma: x{math.exp(self.log_a_stderr):.3g}), "
                 f"b = {self.b:.4f} +- {self.b_stderr:.4f}{_fitted_p(self)}; "
                 f"beta = batch tokens / {self.reference_sequence_length}."
+            ),
+            *(
+                []
+                if a is None
+                else [f"# a = {amplitude:.4g} (the fit's a x {amplitude / self.a:.3g}): from Power runs."]
             ),
             *counter,
             "optimizer:",

@@ -1,11 +1,13 @@
 """The benchmarks run end to end on a tiny grid and write valid JSON with the documented keys; their sweep and analysis
 logic gives known answers on synthetic losses."""
 
+import argparse
 import json
 import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 TINY = [
@@ -95,6 +97,13 @@ def test_calibrate_power_smoke(bench, tmp_path):
         "1",
         "--warmup-tokens",
         "64",
+        "--amplitude-cell",
+        "4",
+        "512",
+        "--log2-amplitudes",
+        "-0.5",
+        "0",
+        "0.5",
         "--out",
         str(tmp_path),
     ]
@@ -106,6 +115,10 @@ def test_calibrate_power_smoke(bench, tmp_path):
         assert "interior cells" in result["fit_error"]
     else:
         assert {"a", "b", "a_stderr", "b_stderr"} <= set(result["fit"]) and "PowerScheduler" in result["yaml"]
+    if result["yaml"]:  # a law with b < 0: Power searched its amplitude in the given cell
+        search = result["amplitude_search"]
+        assert search["cell"] == [4, 512] and result["power"]["a"] == search["a"]
+        assert {r["log2_amplitude"] for r in result["amplitude_runs"]} >= {-0.5, 0.0, 0.5}
     # --analyze refits the saved runs without training and rewrites the same files, every result key anew
     (tmp_path / "calibrate_power_quick.png").unlink()
     saved = tmp_path / "calibrate_power_quick.json"
@@ -135,7 +148,7 @@ def test_calibrate_power_keeps_the_paper_law_unless_the_sweep_rejects_it(bench, 
             for k in range(-14, -2):
                 loss = 2.0 + 0.05 * (k - optimum) ** 2
                 runs.append({"batch_tokens": batch, "tokens": tokens, "lr": 2.0**k, "loss": loss})
-    summary = calibrate_power.analyze(runs, {"warmup_tokens": 1000})
+    summary = calibrate_power.analyze(runs, [], {"warmup_tokens": 1000})
     assert summary["law"] == law
     assert summary["fit"]["batch_exponent"] == pytest.approx(true_p, abs=1e-9)
     assert summary["fit"]["b"] == pytest.approx(-0.5, abs=1e-9)
@@ -143,12 +156,64 @@ def test_calibrate_power_keeps_the_paper_law_unless_the_sweep_rejects_it(bench, 
     assert free["batch_exponent"] == pytest.approx(true_p, abs=1e-9) and free["batch_exponent_stderr"] > 0.01
     assert summary["fit_paper"]["batch_exponent"] == 1.0
     assert ("batch_exponent:" in summary["yaml"]) == (true_p != 1.0)
+    assert summary["amplitude_search"] is None  # no Power runs: the scheduler keeps the fit's a
+    assert summary["power"]["a"] == summary["fit"]["a"] and not summary["power"]["amplitude_searched"]
+
+
+def power_record(law: dict, k: float, seed: int, loss: float) -> dict:
+    """A finished Power run of the amplitude search, as ``calibrate_power.py`` records it."""
+    power = law | {"a": law["a"] * 2.0**k}
+    return {
+        "batch_size": 8,
+        "tokens": 4096,
+        "seed": seed,
+        "log2_amplitude": k,
+        "power": power,
+        "val_loss": loss,
+        "stopped_early": False,
+    }
+
+
+def test_amplitude_search_finds_the_best_multiplier_of_synthetic_losses(bench):
+    calibrate_power = bench("calibrate_power")
+    law = {"a": 6.0, "b": -0.45, "batch_exponent": 0.6, "lr_max": 0.01}
+    runs = [
+        power_record(law, k, s, 2.0 + 0.1 * (k + 0.5) ** 2 + 0.01 * s) for k in (-1.5, -1, -0.5, 0, 0.5) for s in (0, 1)
+    ]
+    search = calibrate_power.amplitude_search(runs, law)
+    assert search["error"] is None and search["interior"] and search["cell"] == [8, 4096]
+    assert search["log2_multiplier"] == pytest.approx(-0.5, abs=1e-9)
+    assert search["a"] == pytest.approx(6.0 * 2**-0.5, rel=1e-9) and search["seeds"]["-0.5"] == 2
+    assert search["mean_loss"]["0"] == pytest.approx(2.0 + 0.1 * 0.25 + 0.005)
+    moved = calibrate_power.amplitude_search(runs, law | {"b": -0.5})
+    assert "another law" in moved["error"] and moved["a"] is None
+    # the summary hands the searched a to the Power scheduler and its YAML, and keeps the fit's a in "fit"
+    sweep = [
+        {
+            "batch_tokens": bt,
+            "tokens": t,
+            "lr": 2.0**k,
+            "loss": 2.0 + 0.05 * (k - math.log2(4.0 * (bt / 4096) * t**-0.5)) ** 2,
+        }
+        for bt in (512, 1024, 2048)
+        for t in (2e5, 4e5, 8e5)
+        for k in range(-14, -2)
+    ]
+    fitted = calibrate_power.analyze(sweep, [], {"warmup_tokens": 1000})["power"]
+    law = {key: fitted[key] for key in ("a", "b", "batch_exponent", "lr_max")}
+    runs = [power_record(law, k, 0, 2.0 + (k + 1) ** 2) for k in (-2, -1.5, -1, -0.5, 0)]
+    summary = calibrate_power.analyze(sweep, runs, {"warmup_tokens": 1000})
+    assert summary["power"]["a"] == pytest.approx(summary["fit"]["a"] / 2, rel=1e-9)
+    assert summary["power"]["amplitude_searched"] and summary["power"]["b"] == summary["fit"]["b"]
+    scheduler = yaml.safe_load(summary["yaml"])["lr_scheduler"]["init_args"]
+    assert scheduler["a"] == pytest.approx(summary["fit"]["a"] / 2, rel=1e-3)
 
 
 def test_schedule_transfer_smoke(bench, tmp_path):
     schedule_transfer = bench("schedule_transfer")
     calibration = tmp_path / "calibration.json"
-    calibration.write_text(json.dumps({"fit": {"a": 9.0, "b": -0.5, "batch_exponent": 0.5}, "lr_max": 0.05}))
+    law = {"a": 9.0, "b": -0.5, "batch_exponent": 0.5, "lr_max": 0.05, "amplitude_searched": True}
+    calibration.write_text(json.dumps({"fit": {"a": 12.0, "b": -0.5, "batch_exponent": 0.5}, "power": law}))
     argv = [
         *TINY,
         "--width",
@@ -174,7 +239,8 @@ def test_schedule_transfer_smoke(bench, tmp_path):
     result = load(tmp_path / "schedule_transfer_quick.json")
     cells = {"batch2_tokens256", "batch2_tokens512", "batch4_tokens256", "batch4_tokens512"}
     assert set(result["power_gap_vs_best_wsd"]) == cells
-    assert result["power"]["a"] == 9.0 and result["power"]["source"] == str(calibration)
+    assert result["power"]["a"] == 9.0 and result["power"]["grid_a"] == 12.0  # Power's a; the WSD law's a
+    assert result["power"]["source"] == f"{calibration}; a from its Power amplitude search"
     assert result["power"]["batch_exponent"] == 0.5
     for cell, gap in result["power_gap_vs_best_wsd"].items():
         entry = result["cells"][cell]
@@ -182,6 +248,92 @@ def test_schedule_transfer_smoke(bench, tmp_path):
     assert {"power_within_1pct_of_best_wsd_in_every_cell"} == set(result["goals"])
     power_run = next(r for r in result["runs"] if r["schedule"] == "power")
     assert power_run["curve"][0][2] < 0.05  # warmup starts below lr_max
+    assert power_run["power"]["a"] == 9.0 and not any(r.get("replayed") for r in result["runs"])
+    # --resume replays every finished run from the JSON in --out and trains none; the result is the same
+    assert schedule_transfer.main([*argv, "--resume"]) == 0
+    again = load(tmp_path / "schedule_transfer_quick.json")
+    assert len(again["runs"]) == len(result["runs"]) and all(r["replayed"] for r in again["runs"])
+    assert again["power_gap_vs_best_wsd"] == result["power_gap_vs_best_wsd"]
+    # another Power law: WSD and cosine replay, Power trains anew
+    assert schedule_transfer.main([*argv, "--resume", "--a", "5.0"]) == 0
+    moved = load(tmp_path / "schedule_transfer_quick.json")
+    assert {r["schedule"] for r in moved["runs"] if not r.get("replayed")} == {"power"}
+    assert all(r["power"]["a"] == 5.0 for r in moved["runs"] if r["schedule"] == "power")
+    with pytest.raises(SystemExit, match="other settings.*width"):
+        schedule_transfer.main([*argv, "--resume", "--width", "48"])
+
+
+def test_schedule_transfer_takes_the_fit_itself_from_a_calibration_without_a_power_key(bench, tmp_path):
+    schedule_transfer = bench("schedule_transfer")
+    calibration = tmp_path / "old.json"
+    calibration.write_text(json.dumps({"fit": {"a": 9.0, "b": -0.5}, "lr_max": 0.05}))
+    flags = dict.fromkeys(("a", "b", "batch_exponent", "lr_max"))
+    settings = schedule_transfer.power_settings(
+        argparse.Namespace(calibration=str(calibration), **flags), tmp_path, "quick"
+    )
+    assert settings == {
+        "a": 9.0,
+        "b": -0.5,
+        "batch_exponent": 1.0,
+        "lr_max": 0.05,
+        "grid_a": 9.0,
+        "source": str(calibration),
+    }
+    flags["lr_max"] = 0.01
+    settings = schedule_transfer.power_settings(argparse.Namespace(calibration=None, **flags), tmp_path, "quick")
+    assert settings["a"] == 4.0 and settings["lr_max"] == 0.01 and "grid_a" not in settings
+    assert settings["source"] == "paper defaults (arXiv 2408.13359, section 4); lr_max from the command line"
+
+
+def test_power_amplitude_search_trains_each_multiplier_and_resumes(bench, tmp_path):
+    calibrate_power, common = bench("calibrate_power"), bench("common")
+    config = calibrate_power.PRESETS["quick"] | {
+        "context_length": 16,
+        "depth": 1,
+        "val_windows": 8,
+        "base_width": 16,
+        "width": 32,
+        "workers": 1,
+        "seeds": 2,
+        "refine": 1,
+        "warmup_tokens": 64,
+        "amplitude_cell": [2, 256],
+        "log2_amplitudes": [-0.5, 0.0, 0.5],
+        "mode": "quick",
+        "device": "cpu",
+        "data": None,
+        "overrides": {},
+    }
+    law = {"a": 4.0, "b": -0.5, "batch_exponent": 1.0, "lr_max": 0.02}
+    path = tmp_path / "calibrate_power_quick.json"
+    payload = common.new_payload("calibrate_power", config, "cpu") | {"runs": []}
+    runs: list[dict] = []
+    assert calibrate_power.search_amplitude(law, config, payload, runs, path, None)
+    assert {-0.5, 0.0, 0.5} <= {r["log2_amplitude"] for r in runs} and len(load(path)["amplitude_runs"]) == len(runs)
+    for r in runs:
+        assert r["schedule"] == "power" and (r["batch_size"], r["tokens"]) == (2, 256)
+        assert r["power"] == law | {"a": 4.0 * 2.0 ** r["log2_amplitude"]} and r["lr"] == pytest.approx(0.02)
+    assert [r["seed"] for r in runs].count(1) == 1  # refine 1: the second seed at the best k only
+    search = calibrate_power.amplitude_search(runs, law)
+    assert search["error"] is None and search["a"] == pytest.approx(4.0 * 2.0 ** search["log2_multiplier"])
+    # resuming replays each run bit for bit; around another law nothing replays
+    replay = common.replay_finished(path, config, "cpu", ("runs", "amplitude_runs"))
+    again: list[dict] = []
+    assert calibrate_power.search_amplitude(law, config, payload, again, path, replay)
+    assert all(r["replayed"] for r in again)
+    assert sorted((r["log2_amplitude"], r["seed"], r["val_loss"]) for r in again) == sorted(
+        (r["log2_amplitude"], r["seed"], r["val_loss"]) for r in runs
+    )
+    other: list[dict] = []
+    calibrate_power.search_amplitude(law | {"b": -0.4}, config, payload, other, tmp_path / "other.json", replay)
+    assert other and not any(r.get("replayed") for r in other)
+    with pytest.raises(SystemExit, match="other settings.*val_windows"):
+        common.replay_finished(path, config | {"val_windows": 16}, "cpu")
+    saved = load(path)
+    saved["environment"]["torch"] = "0.0"
+    path.write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match="another machine .torch"):
+        common.replay_finished(path, config, "cpu")
 
 
 def test_lr_sweep_extends_past_an_edge_then_refines_around_the_best(bench):

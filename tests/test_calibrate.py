@@ -185,6 +185,11 @@ def test_scheduler_yaml_gives_a_power_scheduler_that_follows_the_fit():
     assert with_decay["decay_tokens"] == 10**8 and with_decay["decay_shape"] == "exponential"
     with pytest.raises(ValueError, match="lr_max"):
         fit.scheduler_yaml(lr_max=0.0)
+    searched = yaml.safe_load(fit.scheduler_yaml(lr_max=0.01, a=2.3))["lr_scheduler"]["init_args"]
+    assert searched["a"] == 2.3 and searched["b"] == pytest.approx(fit.b, rel=1e-3)
+    assert "the fit's a x 0.5" in fit.scheduler_yaml(lr_max=0.01, a=fit.a / 2)
+    with pytest.raises(ValueError, match="a must be > 0"):
+        fit.scheduler_yaml(lr_max=0.01, a=0.0)
 
 
 def test_command_line_reads_a_csv_and_prints_the_fit_and_yaml(tmp_path, capsys):
