@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--log2-amplitudes must be multiples of {AMPLITUDE_STEP}, got {config['log2_amplitudes']}")
     out = Path(args.out)
     path = out / f"{NAME}_{mode}.json"
-    replay = replay_finished(path, config, args.device, ("runs", "amplitude_runs")) if args.resume else None
+    replay = replay_finished(path, config, args.device, run_lists=("runs", "amplitude_runs")) if args.resume else None
     payload = new_payload(NAME, config, args.device)
     runs: list[dict] = []
     amplitude_runs: list[dict] = []

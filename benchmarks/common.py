@@ -481,33 +481,36 @@ def job_power(job: Mapping[str, Any]) -> Mapping[str, float] | None:
 
 # --------------------------------------------------------------------------------------------------- resuming
 # What a schedule run's result depends on besides its job (schedule, cell, LR, seed, Power law): the model, the data,
-# the schedule's shared phases, and the machine's software and hardware (runs repeat bit for bit only on the same).
+# and the schedule's shared phases. Runs also repeat bit for bit only on the same software and hardware.
 RUN_SETTINGS = (*MODEL, *SCHEDULE_RUN["quick"], "width", "train_bytes", "val_windows", "data", "device")
-RUN_MACHINE = ("torch", "device", "gpu", "cpu", "cpu_count")
+RUN_MACHINE = {"cpu": ("torch", "device", "cpu", "cpu_count"), "cuda": ("torch", "device", "gpu", "cuda")}
 POWER_LAW = ("a", "b", "batch_exponent", "lr_max")
 
 
-def run_key(run: Mapping[str, Any], power: Mapping[str, float] | None) -> tuple:
-    """What identifies a schedule run (a job or its record): schedule, cell, LR and seed, and for Power its law."""
+def schedule_run_key(run: Mapping[str, Any], config: Mapping[str, Any]) -> tuple:
+    """What identifies a schedule run (a job or its record, with the config it ran under): schedule, cell, LR and
+    seed, and for Power its law."""
+    power = (run.get("power") or config.get("power")) if run["schedule"] == "power" else None
     law = tuple(power.get(key, 1.0 if key == "batch_exponent" else None) for key in POWER_LAW) if power else None
-    return (
-        run["schedule"],
-        run["batch_size"],
-        run["tokens"],
-        run["log2_lr"],
-        run["seed"],
-        law if run["schedule"] == "power" else None,
-    )
+    return (run["schedule"], run["batch_size"], run["tokens"], run["log2_lr"], run["seed"], law)
 
 
 def replay_finished(
-    path: Path, config: Mapping[str, Any], device: str, run_lists: Iterable[str] = ("runs",)
+    path: Path,
+    config: Mapping[str, Any],
+    device: str,
+    *,
+    run_key: Callable[[Mapping[str, Any], Mapping[str, Any]], tuple] = schedule_run_key,
+    settings: Iterable[str] = RUN_SETTINGS,
+    run_lists: Iterable[str] = ("runs",),
 ) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
     """``--resume``: answer a job from an earlier result at ``path`` when that result holds the same run.
 
-    The earlier result must come from the same script with the same ``RUN_SETTINGS`` on the same ``RUN_MACHINE``,
-    else ``SystemExit`` says what differs. Returns ``replay(job)``: a copy of the finished record (marked
-    ``"replayed": True``), or ``None`` when the job must train. ``run_lists`` are the payload keys holding records.
+    The earlier result must come from the same script with the same ``settings`` (config keys) on the same machine
+    (``RUN_MACHINE``: torch and the CPU, or torch, CUDA and the GPU), else ``SystemExit`` says what differs.
+    ``run_key(run, config)`` identifies a run, given a job or a record and the config it ran under. Returns
+    ``replay(job)``: a copy of the finished record (marked ``"replayed": True``), or ``None`` when the job must
+    train. ``run_lists`` are the payload keys holding records.
     """
     try:
         previous = json.loads(path.read_text())
@@ -516,28 +519,21 @@ def replay_finished(
         return lambda job: None
     except (OSError, ValueError) as error:
         raise SystemExit(f"--resume: cannot read {path} ({error})") from None
-    settings = {key: config.get(key) for key in RUN_SETTINGS}
-    before = {key: previous.get("config", {}).get(key) for key in RUN_SETTINGS}
-    machine = environment(device)
-    if settings != before:
-        changed = {key: (before[key], settings[key]) for key in RUN_SETTINGS if before[key] != settings[key]}
+    before, machine = previous.get("config", {}), environment(device)
+    changed = {key: (before.get(key), config.get(key)) for key in settings if before.get(key) != config.get(key)}
+    if changed:
         raise SystemExit(f"--resume: {path} ran other settings (earlier, now): {changed}; drop --resume or --out")
-    for key in RUN_MACHINE:
+    for key in RUN_MACHINE["cuda" if device.startswith("cuda") else "cpu"]:
         if previous.get("environment", {}).get(key) != machine.get(key):
             raise SystemExit(
                 f"--resume: {path} ran on another machine ({key}: {previous['environment'].get(key)!r}, now "
                 f"{machine.get(key)!r}); its runs would not repeat bit for bit here"
             )
-    default_power = previous.get("config", {}).get("power")
-    finished = {
-        run_key(record, record.get("power") or default_power): record
-        for name in run_lists
-        for record in previous.get(name) or []
-    }
+    finished = {run_key(record, before): record for name in run_lists for record in previous.get(name) or []}
     print(f"--resume: {len(finished)} finished runs in {path}", file=sys.stderr)
 
     def replay(job: dict[str, Any]) -> dict[str, Any] | None:
-        record = finished.get(run_key(job, job_power(job)))
+        record = finished.get(run_key(job, job["config"]))
         return None if record is None else {**record, "replayed": True}
 
     return replay

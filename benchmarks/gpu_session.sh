@@ -14,7 +14,7 @@ out=${2:?usage: gpu_session.sh checks|papers|schedule OUT}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 
-# calibrate_power.py and schedule_transfer.py continue a run cut short in an earlier slot: when
+# The three paper benchmarks continue a run cut short in an earlier slot: when
 # benchmarks/results/<name>_full.json holds an unfinished result ("complete": false), it is copied to OUT and the
 # script replays its finished runs (--resume) and trains the rest.
 continue_flag() {
@@ -35,7 +35,7 @@ case "$part" in
     timeout -s TERM 180 python benchmarks/gpu_check.py --out "$out/gpu_check.json" 2>&1 | tail -20 | tee "$out/gpu_check.txt"
     ;;
   papers)
-    timeout -s TERM 230 python benchmarks/mup_transfer.py --device cuda --out "$out" 2>&1 | tail -30 | tee "$out/mup_transfer.txt"
+    timeout -s TERM 230 python benchmarks/mup_transfer.py --device cuda --out "$out" $(continue_flag mup_transfer) 2>&1 | tail -30 | tee "$out/mup_transfer.txt"
     timeout -s TERM 340 python benchmarks/calibrate_power.py --device cuda --out "$out" $(continue_flag calibrate_power) 2>&1 | tail -40 | tee "$out/calibrate_power.txt"
     ;;
   schedule)

@@ -14,6 +14,7 @@ Usage::
 
     python benchmarks/mup_transfer.py --quick                  # 2 CPU cores: widths 32-256, about 17 minutes
     python benchmarks/mup_transfer.py --device cuda            # one GPU: widths 128-2048, about 4 minutes
+    python benchmarks/mup_transfer.py --quick --resume         # reuse the finished runs in --out, train the rest
 
 JSON: ``optimal_log2_lr.{sp,mup}.{width}``, ``drift_log2.{sp,mup}``, ``best_loss``, ``loss_at_transferred_lr``,
 ``goals``, ``runs`` (one record per training run), ``config`` and ``environment``.
@@ -33,6 +34,7 @@ from common import (
     MODEL,
     SWEEP,
     LRSweep,
+    add_resume_flag,
     benchmark_parser,
     build_gpt,
     check_args,
@@ -44,7 +46,9 @@ from common import (
     make_scheduler,
     matplotlib_pyplot,
     new_payload,
+    replay_finished,
     resolve,
+    run_outcome,
     run_sweep,
     save_figure,
     train,
@@ -82,8 +86,27 @@ PRESETS: dict[str, dict[str, Any]] = {
         parametrizations=["sp", "mup"],
     ),
 }
+# What a run's result depends on besides its job (parametrization, width, LR, seed), for --resume.
+RUN_SETTINGS = (
+    *MODEL,
+    "steps",
+    "warmup",
+    "decay_fraction",
+    "decay_shape",
+    "grad_clip",
+    "batch_size",
+    "train_bytes",
+    "val_windows",
+    "data",
+    "device",
+)
 GOAL_DRIFT = 0.5  # muP's optimum may move at most this many log2 units across the widths
 GOAL_QUALITY = 0.01  # muP's widest loss within 1 % of SP's best-tuned widest loss
+
+
+def run_key(run: dict[str, Any], config: dict[str, Any]) -> tuple:
+    """What identifies a run (a job or its record) within one config's ``RUN_SETTINGS``."""
+    return (run["parametrization"], run["width"], run["log2_lr"], run["seed"])
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -258,13 +281,15 @@ def main(argv: list[str] | None = None) -> int:
         choices=["sp", "mup", "mup_zero"],
         help="sp, mup (default readout init) and/or mup_zero (zero-init readout and query)",
     )
+    add_resume_flag(parser)
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
     config = resolve(args, PRESETS[mode]) | {"mode": mode, "device": args.device, "data": args.data}
     check_args(config)
     if len(config["widths"]) < 2 or len(config["log2_lrs"]) < 3:
         parser.error("give at least 2 widths and 3 learning rates")
-    out = Path(args.out)
+    path = Path(args.out) / f"{NAME}_{mode}.json"
+    replay = replay_finished(path, config, args.device, run_key=run_key, settings=RUN_SETTINGS) if args.resume else None
     payload = new_payload(NAME, config, args.device)
     runs: list[dict] = []
     sweep = LRSweep(config["seeds"], config["refine"])
@@ -287,23 +312,22 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(record)
         print(
             f"[{len(runs):4d}] {record['parametrization']:>8} width {record['width']:5d} "
-            f"lr 2^{record['log2_lr']:+.1f} seed {record['seed']}: loss {record['val_loss']:.4f} "
-            f"({record['seconds']:.1f} s)",
+            f"lr 2^{record['log2_lr']:+.1f} seed {record['seed']}: {run_outcome(record)}",
             flush=True,
         )
-        write_json(out / f"{NAME}_{mode}.json", payload | {"runs": runs})
+        write_json(path, payload | {"runs": runs})
         key = (job["parametrization"], job["width"])
         return jobs_for(*key, sweep.record(key, job["log2_lr"], job["seed"], final_loss(record)))
 
-    payload["complete"] = run_sweep(jobs, run_job, config, args.device, on_result, runs)
+    payload["complete"] = run_sweep(jobs, run_job, config, args.device, on_result, runs, replay)
     if not runs:
         return 1
     summary = analyze(runs)
     payload |= summary | {"runs": runs}
-    write_json(out / f"{NAME}_{mode}.json", payload)
-    plot(summary, runs, payload, out / f"{NAME}_{mode}.png")
+    write_json(path, payload)
+    plot(summary, runs, payload, path.with_suffix(".png"))
     print_table(summary, config)
-    print(f"wrote {out / f'{NAME}_{mode}.json'} and .png")
+    print(f"wrote {path} and {path.with_suffix('.png').name}")
     return 0 if payload["complete"] else 1
 
 

@@ -75,6 +75,18 @@ def test_mup_transfer_smoke(bench, tmp_path):
     assert result["config"]["overrides"]["widths"] == [16, 32]
     seeds = {(r["parametrization"], r["width"], r["seed"]) for r in result["runs"]}
     assert ("mup", 32, 1) in seeds  # the refinement seed ran
+    # --resume replays every run; a wider grid trains only its new width
+    assert mup_transfer.main([*argv, "--resume"]) == 0
+    again = load(tmp_path / "mup_transfer_quick.json")
+    assert len(again["runs"]) == len(result["runs"]) and all(r["replayed"] for r in again["runs"])
+    assert again["optimal_log2_lr"] == result["optimal_log2_lr"]
+    widths_at = argv.index("--widths")
+    wider = [*argv[: widths_at + 3], "48", *argv[widths_at + 3 :], "--resume"]
+    assert mup_transfer.main(wider) == 0
+    trained = {r["width"] for r in load(tmp_path / "mup_transfer_quick.json")["runs"] if not r.get("replayed")}
+    assert trained == {48}
+    with pytest.raises(SystemExit, match="other settings.*steps"):
+        mup_transfer.main([*argv, "--resume", "--steps", "8"])
 
 
 def test_calibrate_power_smoke(bench, tmp_path):
@@ -317,7 +329,7 @@ def test_power_amplitude_search_trains_each_multiplier_and_resumes(bench, tmp_pa
     search = calibrate_power.amplitude_search(runs, law)
     assert search["error"] is None and search["a"] == pytest.approx(4.0 * 2.0 ** search["log2_multiplier"])
     # resuming replays each run bit for bit; around another law nothing replays
-    replay = common.replay_finished(path, config, "cpu", ("runs", "amplitude_runs"))
+    replay = common.replay_finished(path, config, "cpu", run_lists=("runs", "amplitude_runs"))
     again: list[dict] = []
     assert calibrate_power.search_amplitude(law, config, payload, again, path, replay)
     assert all(r["replayed"] for r in again)
