@@ -16,8 +16,8 @@ of the ``power`` key: that amplitude and the fit's b, p and lr_max.
 
 Usage::
 
-    python benchmarks/calibrate_power.py --quick               # 2 CPU cores, width 64, 16 minutes
-    python benchmarks/calibrate_power.py --device cuda         # one GPU, width 256, about 5 minutes (estimated)
+    python benchmarks/calibrate_power.py --quick               # 2 CPU cores, width 64, about 19 minutes
+    python benchmarks/calibrate_power.py --device cuda         # one GPU, width 256, about 6 minutes (estimated)
     python benchmarks/calibrate_power.py --quick --resume      # reuse the finished runs in --out, train the rest
     python benchmarks/calibrate_power.py --analyze benchmarks/results/calibrate_power_quick.json  # refit, no training
     lightning-power calibrate benchmarks/results/calibrate_power_quick.json --batch-exponent fit   # the library's CLI

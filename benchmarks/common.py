@@ -506,8 +506,9 @@ def replay_finished(
 ) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
     """``--resume``: answer a job from an earlier result at ``path`` when that result holds the same run.
 
-    The earlier result must come from the same script with the same ``settings`` (config keys) on the same machine
-    (``RUN_MACHINE``: torch and the CPU, or torch, CUDA and the GPU), else ``SystemExit`` says what differs.
+    The earlier result (this script's JSON, or another benchmark's whose runs have the same keys) must have the same
+    ``settings`` (config keys) and machine (``RUN_MACHINE``: torch and the CPU, or torch, CUDA and the GPU), else
+    ``SystemExit`` says what differs.
     ``run_key(run, config)`` identifies a run, given a job or a record and the config it ran under. Returns
     ``replay(job)``: a copy of the finished record (marked ``"replayed": True``), or ``None`` when the job must
     train. ``run_lists`` are the payload keys holding records.
