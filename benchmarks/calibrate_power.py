@@ -49,6 +49,7 @@ from common import (
     add_resume_flag,
     benchmark_parser,
     check_args,
+    check_cells,
     final_loss,
     log2_grid,
     machine_label,
@@ -319,12 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     config = resolve(args, PRESETS[mode]) | {"mode": mode, "device": args.device, "data": args.data}
     check_args(config)
     cells = [(b, t) for b in config["batch_sizes"] for t in config["token_budgets"]]
-    for batch, tokens in [*cells, tuple(config["amplitude_cell"])]:
-        if tokens % (batch * config["context_length"]) or tokens // (batch * config["context_length"]) < 4:
-            parser.error(
-                f"token budget {tokens} must be a multiple of batch {batch} x context "
-                f"{config['context_length']}, and at least 4 steps"
-            )
+    check_cells([*cells, tuple(config["amplitude_cell"])], config)
     steps = [k / AMPLITUDE_STEP for k in config["log2_amplitudes"]]
     if any(abs(x - round(x)) > 1e-9 for x in steps):
         parser.error(f"--log2-amplitudes must be multiples of {AMPLITUDE_STEP}, got {config['log2_amplitudes']}")

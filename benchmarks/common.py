@@ -175,6 +175,23 @@ def check_args(config: Mapping[str, Any]) -> None:
         raise SystemExit(f"--device {device}: CUDA is not available on this machine; use --device cpu")
 
 
+def check_cells(cells: Iterable[tuple[int, int]], config: Mapping[str, Any]) -> None:
+    """Fail early on a (batch size, token budget) cell no schedule run could train: the budget must be whole steps
+    of ``batch x context_length`` tokens, at least 4 of them, and more than the warmup's."""
+    for batch, tokens in cells:
+        batch_tokens = batch * config["context_length"]
+        if tokens % batch_tokens or tokens // batch_tokens < 4:
+            raise SystemExit(
+                f"token budget {tokens} must be a multiple of batch {batch} x context {config['context_length']}, "
+                "and at least 4 steps"
+            )
+        if max(1, round(config["warmup_tokens"] / batch_tokens)) >= tokens // batch_tokens:
+            raise SystemExit(
+                f"--warmup-tokens {config['warmup_tokens']} leaves no steps after warmup in the cell of batch {batch} "
+                f"and {tokens} tokens; lower it or raise the budget"
+            )
+
+
 # --------------------------------------------------------------------------------------------------- writing
 def write_json(path: Path, payload: Any) -> None:
     """Write strict JSON atomically (NaN and infinity become ``null``)."""

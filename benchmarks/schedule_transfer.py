@@ -43,6 +43,7 @@ from common import (
     add_resume_flag,
     benchmark_parser,
     check_args,
+    check_cells,
     final_loss,
     machine_label,
     matplotlib_pyplot,
@@ -281,13 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     power = power_settings(args, out, mode)
     config = resolve(args, PRESETS[mode]) | {"mode": mode, "device": args.device, "data": args.data, "power": power}
     check_args(config)
-    for batch in config["batch_sizes"]:
-        for tokens in config["token_budgets"]:
-            if tokens % (batch * config["context_length"]) or tokens // (batch * config["context_length"]) < 4:
-                parser.error(
-                    f"token budget {tokens} must be a multiple of batch {batch} x context "
-                    f"{config['context_length']}, and at least 4 steps"
-                )
+    check_cells([(b, t) for b in config["batch_sizes"] for t in config["token_budgets"]], config)
     path = out / f"{NAME}_{mode}.json"
     replay = replay_finished(path, config, args.device) if args.resume else None
     payload = new_payload(NAME, config, args.device, power=power)

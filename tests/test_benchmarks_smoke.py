@@ -419,3 +419,15 @@ def test_gpu_check_runs_on_cpu_and_reports_every_comparison(tmp_path):
     for row in report["runs"][1:]:
         assert row["lrs_equal"] and row["tokens_equal"] and row["max_loss_rel_diff"] < 1e-5
     assert "all passed: yes" in result.stdout
+
+
+def test_cells_no_run_could_train_fail_before_any_run(bench, tmp_path):
+    calibrate_power, schedule_transfer = bench("calibrate_power"), bench("schedule_transfer")
+    base = [*TINY, "--width", "32", "--batch-sizes", "2", "--warmup-tokens", "64", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="token budget 100 must be a multiple of batch 2 x context 16"):
+        schedule_transfer.main([*base, "--token-budgets", "256", "100", "--a", "4", "--b", "-0.5", "--lr-max", "0.01"])
+    with pytest.raises(SystemExit, match="--warmup-tokens 256 leaves no steps after warmup in the cell of batch 2"):
+        calibrate_power.main([*base, "--token-budgets", "256", "512", "--warmup-tokens", "256"])
+    with pytest.raises(SystemExit, match="token budget 500 must be a multiple of batch 3"):  # the amplitude cell too
+        calibrate_power.main([*base, "--token-budgets", "256", "512", "--amplitude-cell", "3", "500"])
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing was written
