@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -376,7 +377,7 @@ def search_amplitude(
     payload: dict[str, Any],
     amplitude_runs: list[dict],
     path: Path,
-    replay: Any,
+    replay: Callable[[dict[str, Any]], dict[str, Any] | None] | None,
 ) -> bool:
     """The second stage: Power with the fitted law at a * 2^k in ``config["amplitude_cell"]``, k from
     ``config["log2_amplitudes"]``, extended past an edge and refined with more seeds like an LR sweep. Appends the
