@@ -261,7 +261,7 @@ class PowerLawFit:
             *(
                 []
                 if a is None
-                else [f"# a = {amplitude:.4g} (the fit's a x {amplitude / self.a:.3g}): from Power runs."]
+                else [f"# a = {amplitude:.4g} (the fit's a x {amplitude / self.a:.3g}), searched with Power runs."]
             ),
             *counter,
             "optimizer:",
@@ -426,6 +426,12 @@ def _parser() -> argparse.ArgumentParser:
         help="p in eta_opt = beta^p * a * T^b: 1 (the paper, default), another number, or 'fit' to fit it too",
     )
     parser.add_argument("--lr-max", type=float, default=None, help="the LR cap (default: the largest optimal LR found)")
+    parser.add_argument(
+        "--a",
+        type=float,
+        default=None,
+        help="the PowerScheduler's a, when a search with Power runs chose another than the fit's (default: the fit's)",
+    )
     parser.add_argument("--tokens-per-step", type=int, default=None, help="the target run's tokens per step")
     parser.add_argument("--warmup-tokens", type=float, default=0, help="the target run's warmup tokens")
     parser.add_argument("--total-tokens", type=float, default=None, help="the target run's tokens (adds a decay)")
@@ -436,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lightning-power calibrate``; returns the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.a is not None and not args.a > 0:
+        parser.error(f"--a must be > 0, got {args.a}")
     try:
         batch_exponent = None if args.batch_exponent == "fit" else float(args.batch_exponent)
     except ValueError:
@@ -448,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     lr_max = fit.max_optimal_lr if args.lr_max is None else args.lr_max
     total_tokens = None if args.total_tokens is None else int(args.total_tokens)
     try:
-        print(fit.scheduler_yaml(lr_max, args.tokens_per_step, int(args.warmup_tokens), total_tokens), end="")
+        print(fit.scheduler_yaml(lr_max, args.tokens_per_step, int(args.warmup_tokens), total_tokens, a=args.a), end="")
     except ValueError as error:
         print(f"lightning-power calibrate: no PowerScheduler YAML: {error}", file=sys.stderr)
         return 1

@@ -206,6 +206,14 @@ def test_command_line_reads_a_csv_and_prints_the_fit_and_yaml(tmp_path, capsys):
     assert config["lr_scheduler"]["init_args"]["lr_max"] == pytest.approx(
         max(2.0 ** true_log2_lr(b, t) for b in BATCHES for t in TOKENS), rel=1e-5
     )
+    # --a: the amplitude a search with Power runs chose; b and lr_max stay the fit's
+    assert main([str(path), "--tokens-per-step", "8192", "--a", "6.9"]) == 0
+    searched = yaml.safe_load(capsys.readouterr().out)["lr_scheduler"]["init_args"]
+    assert searched["a"] == 6.9 and searched["b"] == pytest.approx(-0.51, rel=1e-5)
+    assert searched["lr_max"] == config["lr_scheduler"]["init_args"]["lr_max"]
+    with pytest.raises(SystemExit):
+        main([str(path), "--a", "-1"])
+    assert "--a must be > 0, got -1.0" in capsys.readouterr().err
 
 
 def test_runs_from_json_with_a_diverged_run(tmp_path, capsys):
