@@ -119,7 +119,7 @@ class TokenScheduler(LRScheduler):
 
 
 class PowerScheduler(TokenScheduler):
-    """The Power scheduler (arXiv 2408.13359, Eq. 7-8): LR = min(lr_max, beta^p * a * n^b), n in tokens, p = 1.
+    """The Power scheduler (arXiv 2408.13359, Eq. 7-8): LR = min(lr_max, beta^p * a * n^b), n tokens; p = 1 by default.
 
     The LR of each param group is its initial LR times ``power_lr(n) / lr_max``, see
     :func:`~lightning_power.schedules.power_lr`. beta (the batch in 4096-token sequences) comes from
