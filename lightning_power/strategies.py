@@ -86,6 +86,15 @@ class ModelParallelStrategy(_AtomicShardedSave, strategies.ModelParallelStrategy
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto" and isinstance(self._tensor_parallel_size, int):
             self._data_parallel_size = self.num_nodes * self.num_processes // self._tensor_parallel_size
+        data_parallel = self._data_parallel_size if isinstance(self._data_parallel_size, int) else self.num_nodes
+        if self.root_device.type == "cpu" and data_parallel > 1 and torch.__version__ < (2, 9):
+            # Measured with torch 2.7.1 and 2.8.0: FSDP2 over gloo returns the sum of the processes' gradients, not
+            # their mean, without a warning (2.9.1 returns the mean). Adam hides it; clipping and SGD do not.
+            raise ValueError(
+                f"ModelParallelStrategy (FSDP2) over {data_parallel} data-parallel CPU processes needs torch >= 2.9 "
+                f"(this is {torch.__version__}): older torch sums the gradients of the processes instead of averaging "
+                "them. On CPU use DDP or lightning_power.strategies.FSDPStrategy, or upgrade torch."
+            )
         super().setup_environment()
 
 
@@ -98,6 +107,13 @@ class FSDPStrategy(_AtomicShardedSave, strategies.FSDPStrategy):
     def _setup_model(self, model: nn.Module) -> nn.Module:
         if self.root_device.type != "cpu":
             return super()._setup_model(model)
+        if self._state_dict_type == "full" and torch.__version__ < (2, 14):
+            # Lightning saves full state dicts with offload_to_cpu=True. Before torch 2.14, FSDP's offload frees the
+            # unsharded parameters while it copies them when they already live on the CPU: a segfault, not an error.
+            raise ValueError(
+                f"FSDPStrategy on CPU with state_dict_type='full' needs torch >= 2.14 (this is {torch.__version__}): "
+                "older torch crashes while saving the checkpoint. Pass state_dict_type='sharded', or upgrade torch."
+            )
         # Lightning passes device_id=root_device.index, which is None on CPU, and torch's FSDP then refuses to run.
         from torch.distributed.fsdp import FullyShardedDataParallel
 

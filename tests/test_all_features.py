@@ -26,6 +26,7 @@ from tests.helpers.recipe import (
     sparsity_history,
     train_losses,
 )
+from tests.helpers.versions import cpu_fsdp2
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def two_process_run(tmp_path_factory):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", pytest.param("fsdp2", marks=cpu_fsdp2)])
 def test_two_processes_reproduce_the_single_process_run(strategy, single_run, two_process_run):
     run = two_process_run(strategy)
     expected, records = read_records(single_run / "steps.jsonl"), read_records(run / "steps.jsonl")
@@ -119,6 +120,7 @@ def test_single_process_sigkill_and_resume_lose_nothing(single_run, tmp_path):
 
 
 @pytest.mark.distributed
+@cpu_fsdp2
 def test_fsdp2_killed_while_saving_resumes_from_the_previous_complete_checkpoint(two_process_run, tmp_path):
     uninterrupted = two_process_run("fsdp2")
     run = tmp_path / "killed"
@@ -170,6 +172,7 @@ def test_resume_with_changed_batch_size_or_width_is_refused_and_changes_nothing(
 
 
 @pytest.mark.distributed
+@cpu_fsdp2
 def test_resume_on_another_number_of_processes_is_refused(two_process_run, tmp_path):
     run = two_process_run("fsdp2")
     checkpoints = fingerprint(run / "ckpt")
@@ -183,6 +186,7 @@ def test_resume_on_another_number_of_processes_is_refused(two_process_run, tmp_p
 
 
 @pytest.mark.distributed
+@cpu_fsdp2
 def test_fsdp2_resumes_on_one_process_with_the_same_global_batch(two_process_run, tmp_path):
     """Elastic resume: the 2-process FSDP2 checkpoint of step 4 continues on 1 process with a batch of 8 instead of
     2 x 4 (the sparsity monitor, whose snapshots are per-rank shards, is left out)."""

@@ -19,6 +19,7 @@ from lightning_power.cli import LightningPowerCLI
 from lightning_power.demo import GPT
 from lightning_power.mup import MuP, MuPPlan
 from lightning_power.mup.readout import readout_multiplier_of
+from tests.helpers.versions import compiled_module_logging, cpu_fsdp2
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = {"depth": 1, "n_heads": 2, "context_length": 8, "attention_scale": "1/d_head"}
@@ -134,14 +135,17 @@ def test_groups_init_readout_and_audit(tmp_path: Path) -> None:
     }
 
 
-def test_eager_compile_resume_and_deepcopy_match_the_mup_package(reference: list[float], tmp_path: Path) -> None:
+@compiled_module_logging
+def test_compiled_model_matches_the_mup_package(reference: list[float]) -> None:
+    compiled, _ = fit(torch.compile(make_gpt(), backend="aot_eager"), mup_callback(model_init="torch_default"))
+    torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=0)
+
+
+def test_eager_resume_and_deepcopy_match_the_mup_package(reference: list[float], tmp_path: Path) -> None:
     callback_args = {"model_init": "torch_default"}  # the init rescale set_base_shapes(rescale_params=True) does
     model = make_gpt()
     eager, _ = fit(model, mup_callback(**callback_args))
     torch.testing.assert_close(eager, reference, rtol=1e-5, atol=0)
-
-    compiled, _ = fit(torch.compile(make_gpt(), backend="aot_eager"), mup_callback(**callback_args))
-    torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=0)
 
     first = make_gpt()
     _, trainer = fit(first, mup_callback(**callback_args), max_steps=2)
@@ -306,6 +310,7 @@ def test_base_overrides_need_rebuildable_hparams() -> None:
 
 
 @pytest.mark.distributed
+@cpu_fsdp2
 def test_two_process_fsdp_and_fsdp2_give_the_same_mup_run(tmp_path: Path) -> None:
     """The shard-specific paths, FSDP1 flat-parameter views named ``blocks.0._fsdp_wrapped_module.*`` and FSDP2
     DTensors, regroup and train the same: same muP LR groups, same losses."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 
 from lightning_power.distributed import ShardLayout, shard_layout
 from lightning_power.sparsity import counting, fused
@@ -103,7 +104,9 @@ interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs inside test_trito
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the driver")
 def test_triton_kernel_on_cpu():
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    if Version(triton.__version__) < Version("3.7"):
+        pytest.skip("Triton < 3.7's interpreter calls int() on 1-element arrays, which NumPy 2.4 refuses")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "interpreted"]
     result = subprocess.run(

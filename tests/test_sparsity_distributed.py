@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers.versions import cpu_fsdp1_full_checkpoint, cpu_fsdp2
 from tests.test_sparsity_monitor import HIDDEN, N_COLUMNS, SlidingColumns, assert_history, expected_history
 
 
@@ -81,6 +82,8 @@ def run_job(out: Path) -> None:
 
 
 @pytest.mark.distributed
+@cpu_fsdp1_full_checkpoint
+@cpu_fsdp2
 def test_fsdp1_and_fsdp2_two_processes(tmp_path):
     from lightning_power.sparsity import MaskFile
     from lightning_power.sparsity.rank import update_rank

@@ -386,10 +386,14 @@ def _output_tensors(name: str, output: Any) -> list[tuple[str, torch.Tensor]]:
 
 
 def mean_abs(tensor: torch.Tensor) -> float:
-    """Mean absolute value in float32. A DTensor is reduced over its shards (a collective), not gathered."""
-    value = tensor.detach().float().abs().mean()
-    full_tensor = getattr(value, "full_tensor", None)
-    return float(full_tensor() if callable(full_tensor) else value)
+    """Mean absolute value in float32. A DTensor is reduced over its shards (a collective), not gathered.
+
+    The shards' sums are reduced, then divided by the global count: a sum reduces on every backend, while the
+    average a DTensor ``mean()`` asks for is not available on gloo before torch 2.8.
+    """
+    total = tensor.detach().float().abs().sum()
+    full_tensor = getattr(total, "full_tensor", None)
+    return float(full_tensor() if callable(full_tensor) else total) / tensor.numel()
 
 
 def _kind(name: str) -> str:

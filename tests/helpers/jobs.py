@@ -12,8 +12,13 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "examples" / "configs"
 
 
+# Set by Lightning in the test process when an in-process test ran a distributed strategy; a job that inherited them
+# would rendezvous on that test's port instead of choosing a free one.
+RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+
+
 def job_env() -> dict[str, str]:
-    env = dict(os.environ)
+    env = {name: value for name, value in os.environ.items() if name not in RENDEZVOUS_VARIABLES}
     env.update(
         OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     )

@@ -1,0 +1,18 @@
+"""Skips for torch releases with a known fault outside this project. The strategies refuse the CPU setups named here
+(tested in ``tests/test_distributed_fit.py``), so a user gets an error, never a crash or a wrong gradient."""
+
+import pytest
+import torch
+
+cpu_fsdp2 = pytest.mark.skipif(
+    torch.__version__ < (2, 9),
+    reason="FSDP2 over several CPU processes needs torch >= 2.9 (older torch sums the gradients over gloo)",
+)
+cpu_fsdp1_full_checkpoint = pytest.mark.skipif(
+    torch.__version__ < (2, 14),
+    reason="FSDP1's full checkpoint on CPU needs torch >= 2.14 (older torch crashes while saving it)",
+)
+compiled_module_logging = pytest.mark.skipif(
+    (2, 12) <= torch.__version__ < (2, 14),
+    reason="torch 2.12-2.13: a compiled LightningModule that calls self.log fails in Dynamo (Lightning issue #21836)",
+)
