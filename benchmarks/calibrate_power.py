@@ -56,6 +56,7 @@ from common import (
     machine_label,
     matplotlib_pyplot,
     new_payload,
+    print_plan,
     replay_finished,
     resolve,
     run_outcome,
@@ -362,6 +363,14 @@ def main(argv: list[str] | None = None) -> int:
         key = (job["batch_size"], job["tokens"])
         return jobs_for(*key, sweep.record(key, job["log2_lr"], job["seed"], record["loss"]))
 
+    if args.plan:
+        print_plan(NAME, config, jobs, ("batch_size", "tokens"))
+        if config["amplitude_search"]:
+            print(
+                f"After the fit, Power's amplitude search trains {len(config['log2_amplitudes'])} runs or more in the "
+                f"cell batch {config['amplitude_cell'][0]}, tokens {config['amplitude_cell'][1]}."
+            )
+        return 0
     complete = run_sweep(jobs, run_schedule_job, config, args.device, on_result, runs, replay)
     if not runs:
         return 1

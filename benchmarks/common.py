@@ -136,6 +136,9 @@ def benchmark_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--init-std", type=float, help="init std of the weights at the base width")
     parser.add_argument("--readout-multiplier", type=float, help="alpha_out: scales the input of the output head")
     parser.add_argument("--val-windows", type=int, help="validation windows of context_length bytes")
+    parser.add_argument(
+        "--plan", action="store_true", help="check the settings and print the runs it would start with; train nothing"
+    )
     return parser
 
 
@@ -566,6 +569,31 @@ def new_payload(name: str, config: Mapping[str, Any], device: str, **extra: Any)
     """The JSON record a benchmark rewrites after every run: what it is, its settings, the machine, and whether it
     finished (``complete``)."""
     return {"benchmark": name, "complete": False, **extra, "config": config, "environment": environment(device)}
+
+
+def print_plan(name: str, config: Mapping[str, Any], jobs: list[dict[str, Any]], group: tuple[str, ...]) -> None:
+    """``--plan``: the first wave of runs, counted by ``group`` (job keys), with their training tokens; nothing trains.
+
+    The settings were already checked, so a preset that cannot run fails here, before any device time is spent.
+    """
+    tokens = [
+        job.get("tokens", config.get("steps", 0) * config.get("batch_size", 0) * config["context_length"])
+        for job in jobs
+    ]
+    print(
+        f"{name} --plan ({config['mode']} preset, device {config['device']}, {config['workers']} workers): "
+        f"{len(jobs)} runs to start with, {sum(tokens):,} training tokens"
+    )
+    counts: dict[tuple, int] = {}
+    for job in jobs:
+        key = tuple(job[k] for k in group)
+        counts[key] = counts.get(key, 0) + 1
+    for key, count in sorted(counts.items()):
+        print("  " + ", ".join(f"{k} {v}" for k, v in zip(group, key)) + f": {count} runs")
+    print(
+        f"More runs follow from the results: the grid grows past an edge optimum, and {config['seeds'] - 1} more "
+        f"seed(s) run at the {config['refine']} LRs around each optimum."
+    )
 
 
 def run_sweep(

@@ -46,6 +46,7 @@ from common import (
     make_scheduler,
     matplotlib_pyplot,
     new_payload,
+    print_plan,
     replay_finished,
     resolve,
     run_outcome,
@@ -319,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         key = (job["parametrization"], job["width"])
         return jobs_for(*key, sweep.record(key, job["log2_lr"], job["seed"], final_loss(record)))
 
+    if args.plan:
+        print_plan(NAME, config, jobs, ("parametrization", "width"))
+        return 0
     payload["complete"] = run_sweep(jobs, run_job, config, args.device, on_result, runs, replay)
     if not runs:
         return 1

@@ -48,6 +48,7 @@ from common import (
     machine_label,
     matplotlib_pyplot,
     new_payload,
+    print_plan,
     replay_finished,
     resolve,
     run_outcome,
@@ -325,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         key = (job["schedule"], job["batch_size"], job["tokens"])
         return jobs_for(*key, sweep.record(key, job["log2_lr"], job["seed"], final_loss(record)))
 
+    if args.plan:
+        print_plan(NAME, config, jobs, ("schedule", "batch_size", "tokens"))
+        settings = ", ".join(f"{key} {power[key]:g}" for key in ("a", "b", "batch_exponent", "lr_max"))
+        print(f"Power: {settings}, from {power['source']}.")
+        return 0
     payload["complete"] = run_sweep(jobs, run_schedule_job, config, args.device, on_result, runs, replay)
     if not runs:
         return 1

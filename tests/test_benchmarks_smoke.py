@@ -431,3 +431,25 @@ def test_cells_no_run_could_train_fail_before_any_run(bench, tmp_path):
     with pytest.raises(SystemExit, match="token budget 500 must be a multiple of batch 3"):  # the amplitude cell too
         calibrate_power.main([*base, "--token-budgets", "256", "512", "--amplitude-cell", "3", "500"])
     assert not list(tmp_path.iterdir())  # nothing ran, nothing was written
+
+
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_plan_checks_every_preset_and_trains_nothing(bench, mode, tmp_path, capsys):
+    """``--plan`` on the GPU presets too: a preset that cannot run fails here, on CPU, not in a device session."""
+    flags = ["--plan", "--device", "cpu", "--out", str(tmp_path)] + (["--quick"] if mode == "quick" else [])
+    paper_power = ["--a", "4", "--b", "-0.51", "--lr-max", "0.02"]  # no calibration of the full mode is committed
+    first_wave = {}
+    for name, extra in [("mup_transfer", []), ("calibrate_power", []), ("schedule_transfer", paper_power)]:
+        assert bench(name).main(flags + extra) == 0
+        printed = capsys.readouterr().out
+        first_wave[name] = int(printed.split(": ")[1].split(" runs")[0])
+
+    mup, calibrate = bench("mup_transfer").PRESETS[mode], bench("calibrate_power").PRESETS[mode]
+    schedule = bench("schedule_transfer").PRESETS[mode]
+    assert first_wave["mup_transfer"] == len(mup["parametrizations"]) * len(mup["widths"]) * len(mup["log2_lrs"])
+    cells = len(calibrate["batch_sizes"]) * len(calibrate["token_budgets"])
+    assert first_wave["calibrate_power"] == cells * len(calibrate["log2_lrs"])
+    cells = len(schedule["batch_sizes"]) * len(schedule["token_budgets"])
+    tuned = 2 * (2 * schedule["grid_halfwidth"] + 1)  # WSD and cosine grids
+    assert first_wave["schedule_transfer"] == cells * (tuned + schedule["seeds"])  # Power: every seed at once
+    assert not list(tmp_path.iterdir())
