@@ -17,6 +17,7 @@ import queue
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -571,23 +572,22 @@ def new_payload(name: str, config: Mapping[str, Any], device: str, **extra: Any)
     return {"benchmark": name, "complete": False, **extra, "config": config, "environment": environment(device)}
 
 
-def print_plan(name: str, config: Mapping[str, Any], jobs: list[dict[str, Any]], group: tuple[str, ...]) -> None:
+def print_plan(
+    name: str,
+    config: Mapping[str, Any],
+    jobs: list[dict[str, Any]],
+    group: tuple[str, ...],
+    tokens_of: Callable[[dict[str, Any]], int] = lambda job: job["tokens"],
+) -> None:
     """``--plan``: the first wave of runs, counted by ``group`` (job keys), with their training tokens; nothing trains.
 
     The settings were already checked, so a preset that cannot run fails here, before any device time is spent.
     """
-    tokens = [
-        job.get("tokens", config.get("steps", 0) * config.get("batch_size", 0) * config["context_length"])
-        for job in jobs
-    ]
     print(
         f"{name} --plan ({config['mode']} preset, device {config['device']}, {config['workers']} workers): "
-        f"{len(jobs)} runs to start with, {sum(tokens):,} training tokens"
+        f"{len(jobs)} runs to start with, {sum(map(tokens_of, jobs)):,} training tokens"
     )
-    counts: dict[tuple, int] = {}
-    for job in jobs:
-        key = tuple(job[k] for k in group)
-        counts[key] = counts.get(key, 0) + 1
+    counts = Counter(tuple(job[k] for k in group) for job in jobs)
     for key, count in sorted(counts.items()):
         print("  " + ", ".join(f"{k} {v}" for k, v in zip(group, key)) + f": {count} runs")
     print(

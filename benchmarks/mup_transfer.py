@@ -321,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         return jobs_for(*key, sweep.record(key, job["log2_lr"], job["seed"], final_loss(record)))
 
     if args.plan:
-        print_plan(NAME, config, jobs, ("parametrization", "width"))
+        tokens_per_run = config["steps"] * config["batch_size"] * config["context_length"]
+        print_plan(NAME, config, jobs, ("parametrization", "width"), tokens_of=lambda job: tokens_per_run)
         return 0
     payload["complete"] = run_sweep(jobs, run_job, config, args.device, on_result, runs, replay)
     if not runs:
