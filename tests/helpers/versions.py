@@ -1,4 +1,4 @@
-"""Skips for torch releases with a known fault outside this project. The strategies refuse the CPU setups named here
+"""Skips for torch releases with a known fault outside this project. The strategies refuse the two CPU setups
 (tested in ``tests/test_distributed_fit.py``), so a user gets an error, never a crash or a wrong gradient."""
 
 import pytest
