@@ -26,6 +26,10 @@ from lightning.pytorch import strategies
 from lightning.pytorch.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
 from torch import nn
 
+# The first torch releases whose CPU (gloo) sharding is right; the strategies refuse older ones on CPU.
+CPU_FSDP2_TORCH = (2, 9)  # FSDP2 over gloo averages the processes' gradients (2.7 and 2.8 sum them)
+CPU_FSDP1_FULL_CHECKPOINT_TORCH = (2, 14)  # FSDP1 on CPU saves a full state dict without a segfault
+
 
 class _AtomicShardedSave:
     """Mixin: stage a sharded checkpoint in ``<path>.partial``, then swap it in on rank 0 after a barrier."""
@@ -87,7 +91,7 @@ class ModelParallelStrategy(_AtomicShardedSave, strategies.ModelParallelStrategy
         if self._data_parallel_size == "auto" and isinstance(self._tensor_parallel_size, int):
             self._data_parallel_size = self.num_nodes * self.num_processes // self._tensor_parallel_size
         data_parallel = self._data_parallel_size if isinstance(self._data_parallel_size, int) else self.num_nodes
-        if self.root_device.type == "cpu" and data_parallel > 1 and torch.__version__ < (2, 9):
+        if self.root_device.type == "cpu" and data_parallel > 1 and torch.__version__ < CPU_FSDP2_TORCH:
             # Measured with torch 2.7.1 and 2.8.0: FSDP2 over gloo returns the sum of the processes' gradients, not
             # their mean, without a warning (2.9.1 returns the mean). Adam hides it; clipping and SGD do not.
             raise ValueError(
@@ -107,7 +111,7 @@ class FSDPStrategy(_AtomicShardedSave, strategies.FSDPStrategy):
     def _setup_model(self, model: nn.Module) -> nn.Module:
         if self.root_device.type != "cpu":
             return super()._setup_model(model)
-        if self._state_dict_type == "full" and torch.__version__ < (2, 14):
+        if self._state_dict_type == "full" and torch.__version__ < CPU_FSDP1_FULL_CHECKPOINT_TORCH:
             # Lightning saves full state dicts with offload_to_cpu=True. Before torch 2.14, FSDP's offload frees the
             # unsharded parameters while it copies them when they already live on the CPU: a segfault, not an error.
             raise ValueError(

@@ -4,12 +4,14 @@
 import pytest
 import torch
 
+from lightning_power.strategies import CPU_FSDP1_FULL_CHECKPOINT_TORCH, CPU_FSDP2_TORCH
+
 cpu_fsdp2 = pytest.mark.skipif(
-    torch.__version__ < (2, 9),
+    torch.__version__ < CPU_FSDP2_TORCH,
     reason="FSDP2 over several CPU processes needs torch >= 2.9 (older torch sums the gradients over gloo)",
 )
 cpu_fsdp1_full_checkpoint = pytest.mark.skipif(
-    torch.__version__ < (2, 14),
+    torch.__version__ < CPU_FSDP1_FULL_CHECKPOINT_TORCH,
     reason="FSDP1's full checkpoint on CPU needs torch >= 2.14 (older torch crashes while saving it)",
 )
 compiled_module_logging = pytest.mark.skipif(
