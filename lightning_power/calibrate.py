@@ -109,7 +109,9 @@ def optimal_log2_lr(lrs: Sequence[float], losses: Sequence[float]) -> tuple[floa
 def cell_optima(runs: Iterable[SweepRun]) -> list[CellOptimum]:
     """The optimal LR of every (batch_tokens, tokens) cell; repeated runs (seeds) at one LR are averaged first.
 
-    A cell with a diverged run at some LR counts that LR as diverged. Cells come back sorted by (batch, tokens).
+    A cell with a diverged run at some LR counts that LR as diverged; a cell where every LR diverged comes back as an
+    edge cell at its smallest LR (an upper bound), which :func:`fit_power_law` leaves out. Cells come back sorted by
+    (batch, tokens).
     """
     losses: dict[tuple[float, float], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
@@ -122,6 +124,9 @@ def cell_optima(runs: Iterable[SweepRun]) -> list[CellOptimum]:
     for (batch, tokens), by_lr in sorted(losses.items()):
         lrs = sorted(by_lr)
         means = [float(np.mean(by_lr[lr])) if np.isfinite(by_lr[lr]).all() else math.inf for lr in lrs]
+        if not np.isfinite(means).any():
+            optima.append(CellOptimum(batch, tokens, lrs[0], interior=False))
+            continue
         log2_lr, interior = optimal_log2_lr(lrs, means)
         optima.append(CellOptimum(batch, tokens, 2.0**log2_lr, interior))
     return optima

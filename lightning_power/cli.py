@@ -71,9 +71,12 @@ class LightningPowerCLI(LightningCLI):
         """A resume whose config changes the checkpoint's model (width, depth, ...) is an error, not a silent no-op.
 
         LightningCLI rebuilds the model from a checkpoint file's saved hyper-parameters and drops the config's without
-        a word; a sharded checkpoint folder instead fails deep inside loading. Both hide the user's mistake.
+        a word; a sharded checkpoint folder instead fails deep inside loading. Both hide the user's mistake. Only
+        ``fit`` resumes: ``validate`` and ``test`` evaluate the checkpoint's own model, whatever the config says.
         """
         subcommand = self.config.get("subcommand")
+        if subcommand != "fit":
+            return
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         model = self.config[subcommand].get("model") if subcommand else None
         init_args = getattr(model, "init_args", None)

@@ -118,13 +118,22 @@ class TokenScheduler(LRScheduler):
         self._apply_lr()
 
 
+def _base_lr(group: dict[str, Any]) -> float:
+    """A param group's initial LR before muP's factor (``mup_lr_factor``, set by ``MuPPlan.param_groups``)."""
+    return group.get("initial_lr", group["lr"]) / group.get("mup_lr_factor", 1.0)
+
+
 class PowerScheduler(TokenScheduler):
     """The Power scheduler (arXiv 2408.13359, Eq. 7-8): LR = min(lr_max, beta^p * a * n^b), n tokens; p = 1 by default.
 
-    The LR of each param group is its initial LR times ``power_lr(n) / lr_max``, see
-    :func:`~lightning_power.schedules.power_lr`. beta (the batch in 4096-token sequences) comes from
-    ``tokens_per_step``, or from the live batch when a :class:`~lightning_power.tokens.TokenCounter` feeds the
-    scheduler, which then also counts n in real tokens. Without ``total_tokens`` there is no decay and no horizon.
+    The reference LR is the largest initial LR of the param groups, before muP's per-group factors: the optimizer's
+    LR. A group at the reference LR runs at ``power_lr(n)`` (see :func:`~lightning_power.schedules.power_lr`); every
+    group's LR is its initial LR times ``power_lr(n) / reference_lr``, so muP's per-group multipliers survive.
+    ``lr_max`` defaults to the reference LR, as in the paper's recipe, where the optimizer's LR is the cap.
+
+    beta (the batch in 4096-token sequences) comes from ``tokens_per_step``, or from the live batch when a
+    :class:`~lightning_power.tokens.TokenCounter` feeds the scheduler, which then also counts n in real tokens.
+    Without ``total_tokens`` there is no decay and no horizon.
 
     Must be stepped once per optimizer step (Lightning: ``"interval": "step"``).
 
@@ -132,7 +141,7 @@ class PowerScheduler(TokenScheduler):
         optimizer: the wrapped optimizer.
         a: amplitude (paper default 4).
         b: exponent, < 0 (paper default -0.51).
-        lr_max: the LR cap. Defaults to the largest initial LR of the optimizer's param groups.
+        lr_max: the cap of the law, > 0; ``math.inf`` for none. Defaults to the reference LR.
         tokens_per_step: tokens per optimizer step over all ranks and accumulated micro-batches. Leave it out when a
             ``TokenCounter`` measures them.
         warmup_tokens: linear warmup up to the power-law value at ``warmup_tokens``.
@@ -143,7 +152,8 @@ class PowerScheduler(TokenScheduler):
         reference_sequence_length: the sequence length beta is counted in (4096 in the paper).
         batch_exponent: p, how the LR grows with the batch: 1 (paper, linear), or what ``lightning-power calibrate``
             fitted on your sweep (e.g. 0.5, square root).
-        last_epoch: optimizer steps already taken; leave at -1 (Lightning restores the state on resume).
+        last_epoch: torch's index of the last step taken (steps taken - 1); leave at -1 (Lightning restores the
+            state on resume).
 
     Example::
 
@@ -173,8 +183,9 @@ class PowerScheduler(TokenScheduler):
         batch_exponent: float = 1.0,
         last_epoch: int = -1,
     ) -> None:
+        reference_lr = max(_base_lr(group) for group in optimizer.param_groups)
         if lr_max is None:
-            lr_max = max(group.get("initial_lr", group["lr"]) for group in optimizer.param_groups)
+            lr_max = reference_lr
         check_power_args(
             a=a,
             b=b,
@@ -187,7 +198,13 @@ class PowerScheduler(TokenScheduler):
             reference_sequence_length=reference_sequence_length,
             batch_exponent=batch_exponent,
         )
+        if not reference_lr > 0:
+            raise ValueError(
+                f"{type(self).__name__} scales each param group's initial LR by power_lr(n) / the largest one, so "
+                f"the optimizer's LR must be > 0, got {reference_lr!r}"
+            )
         self.a, self.b, self.lr_max, self.batch_exponent = a, b, lr_max, batch_exponent
+        self.reference_lr = reference_lr
         self.warmup_tokens, self.decay_tokens, self.total_tokens = warmup_tokens, decay_tokens, total_tokens
         self.decay_shape, self.min_lr_ratio = decay_shape, min_lr_ratio
         self.reference_sequence_length = reference_sequence_length
@@ -195,7 +212,7 @@ class PowerScheduler(TokenScheduler):
 
     @override
     def factor(self) -> float:
-        """``power_lr(n) / lr_max``; 0 until the first batch's tokens are known."""
+        """``power_lr(n) / reference_lr``; 0 until the first batch's tokens are known."""
         n = self.tokens_through_current_step()
         if n is None:
             return 0.0
@@ -213,7 +230,7 @@ class PowerScheduler(TokenScheduler):
             reference_sequence_length=self.reference_sequence_length,
             batch_exponent=self.batch_exponent,
         )
-        return lr / self.lr_max
+        return lr / self.reference_lr
 
 
 class WSDScheduler(TokenScheduler):
@@ -232,7 +249,8 @@ class WSDScheduler(TokenScheduler):
         decay_shape: ``"1-sqrt"`` (default), ``"linear"``, ``"cosine"`` or ``"exponential"``.
         min_lr_ratio: the floor, as a fraction of the initial LR, in [0, 1).
         units: ``"steps"`` (optimizer steps) or ``"tokens"``.
-        last_epoch: optimizer steps already taken; leave at -1 (Lightning restores the state on resume).
+        last_epoch: torch's index of the last step taken (steps taken - 1); leave at -1 (Lightning restores the
+            state on resume).
 
     Example::
 

@@ -26,7 +26,8 @@ def count_tokens(batch: Any, *, mask_key: str = "attention_mask", tokens_key: st
 
     - a tensor: ``numel()``;
     - a tuple or list: the first tensor in it, e.g. ``inputs`` of an ``(inputs, targets)`` batch;
-    - a mapping: ``batch[mask_key].sum()`` when the mask is present (padding excluded), else
+    - a mapping: ``batch[mask_key].sum()`` when the mask is present (padding excluded; it must be a (batch, sequence)
+      or (sequence,) mask), else
       ``batch[tokens_key].numel()``.
     """
     if isinstance(batch, torch.Tensor):
@@ -37,7 +38,13 @@ def count_tokens(batch: Any, *, mask_key: str = "attention_mask", tokens_key: st
                 return item.numel()
     elif isinstance(batch, Mapping):
         if mask_key in batch:
-            return batch[mask_key].sum()
+            mask = batch[mask_key]
+            if mask.dim() > 2:  # e.g. a (batch, 1, query, key) attention mask of a packing collator
+                raise ValueError(
+                    f"batch[{mask_key!r}] has shape {tuple(mask.shape)}: counting tokens needs a (batch, sequence) "
+                    "padding mask; pass TokenCounter(count_fn=...) or mask_key=<the key of such a mask>"
+                )
+            return mask.sum()
         if tokens_key in batch:
             return batch[tokens_key].numel()
         raise TypeError(

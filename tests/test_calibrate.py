@@ -73,6 +73,15 @@ def test_cell_optima_average_seeds_and_count_a_diverged_seed_as_diverged():
     assert not cell.interior and math.log2(cell.lr) == -5
 
 
+def test_a_cell_where_every_run_diverged_is_left_out_of_the_fit_not_fatal():
+    diverged = [SweepRun(BATCHES[0], 10 * TOKENS[-1], 2.0**k, math.inf) for k in (-6, -5, -4)]
+    optima = cell_optima(synthetic_sweep() + diverged)
+    (dead,) = [c for c in optima if c.tokens == 10 * TOKENS[-1]]
+    assert not dead.interior and dead.lr == 2.0**-6
+    fit = fit_power_law(optima)
+    assert dead in fit.excluded and len(fit.cells) == len(BATCHES) * len(TOKENS)
+
+
 def test_fit_recovers_a_and_b_exactly_from_a_synthetic_sweep():
     optima = cell_optima(synthetic_sweep())
     assert len(optima) == len(BATCHES) * len(TOKENS) and all(c.interior for c in optima)

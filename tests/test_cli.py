@@ -53,6 +53,14 @@ def test_short_fit_logs_validation_bpb_and_writes_a_checkpoint(tmp_path):
     assert len(metrics["lr-AdamW"]) == 6  # the LearningRateMonitor the CLI adds, once per step
     assert list((tmp_path / "csv" / "version_0" / "checkpoints").glob("*.ckpt"))
 
+    # validate evaluates the checkpoint's own model, even when the config names another width (fit refuses that)
+    last = str(tmp_path / "csv" / "version_0" / "checkpoints" / "last.ckpt")
+    main(["validate", "--config", DEMO, *tiny_cli_args(), "--model.init_args.width=64", f"--ckpt_path={last}"])
+    validated = read_metrics(tmp_path / "csv" / "version_1" / "metrics.csv")
+    assert validated["val/loss"][-1][1] == pytest.approx(val_loss, rel=1e-5)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", DEMO, *tiny_cli_args(), "--model.init_args.width=64", f"--ckpt_path={last}"])
+
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_yaml_scheduler_steps_once_per_optimizer_step(accumulate):

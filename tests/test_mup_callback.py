@@ -187,6 +187,34 @@ def test_mup_changes_training(reference: list[float]) -> None:
     assert not math.isclose(plain.losses[-1], reference[-1], rel_tol=1e-3)
 
 
+class OwnGroupsGPT(GPT):
+    """Builds its muP param groups itself, with ``MuPPlan.param_groups`` for the family ``groups_for``, and uses SGD."""
+
+    groups_for = "sgd"
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        plan = next(cb for cb in self.trainer.callbacks if isinstance(cb, MuP)).plan
+        return torch.optim.SGD(plan.param_groups(self, lr=0.1, optimizer=self.groups_for))
+
+
+def test_own_param_groups_must_match_the_optimizer_and_are_audited_as_built(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = OwnGroupsGPT(width=WIDTH, **ARGS)
+    _, trainer = fit(model, mup_callback(), max_steps=1, logger=CSVLogger(tmp_path, name="run"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = trainer.optimizers[0].param_groups
+    applied = {names[id(p)]: (g["mup_lr_factor"], g["mup_wd_factor"]) for g in groups for p in g["params"]}
+    assert applied["token_embedding.weight"] == (4.0, 0.25)  # SGD: one width dimension gets lr * m, wd / m
+    with open(Path(trainer.log_dir) / "mup_params.csv") as file:
+        table = {row["name"]: row for row in csv.DictReader(file)}
+    assert {name: (float(row["lr_factor"]), float(row["wd_factor"])) for name, row in table.items()} == applied
+    assert {row["optimizer_family"] for row in table.values()} == {"sgd"}
+    model = OwnGroupsGPT(width=WIDTH, **ARGS)
+    model.groups_for = "adam"
+    with pytest.raises(ValueError, match=r"optimizer='adam'\) were given to SGD.*build them with optimizer='sgd'"):
+        fit(model, mup_callback(), max_steps=1)
+
+
 def test_resume_with_another_base_or_without_mup_state_fails(tmp_path: Path) -> None:
     _, trainer = fit(make_gpt(), mup_callback(), max_steps=1)
     trainer.save_checkpoint(tmp_path / "mup.ckpt")

@@ -230,6 +230,52 @@ def test_readout_hook_survives_deepcopy_pickle_and_is_not_stacked(model: Net, pl
     assert torch.equal(torch.load(buffer, weights_only=False)(ids, x), expected)
 
 
+def test_readout_multiplier_reaches_a_graph_compiled_before_it(model: Net, plan: MuPPlan) -> None:
+    ids, x = torch.randint(0, 11, (4, 6)), torch.randn(4, 6, 5)
+    compiled = torch.compile(model, backend="eager")
+    without = compiled(ids, x)  # traced without the hook; dynamo does not guard on module hooks
+    plan.attach_readouts(model)
+    with_multiplier = compiled(ids, x)
+    assert not torch.allclose(with_multiplier, without)
+    torch.testing.assert_close(with_multiplier, mup_twin(model)(ids, x), rtol=0, atol=0)
+
+
+class Tied(nn.Module):
+    """A readout tied to the input embedding, as in GPT-2."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, width)
+        self.fc = nn.Linear(width, width)
+        self.head = nn.Linear(width, 7, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(self.embed(ids))))
+
+
+def test_tied_readout_keeps_its_init_and_refuses_torch_default() -> None:
+    torch.manual_seed(0)
+    model = Tied(32)
+    with torch.device("meta"):
+        base, delta = Tied(8), Tied(16)
+    plan = MuPPlan.from_models(model, base, delta, readout="head")
+    assert plan.readouts == {"head": "embed.weight"} and plan["embed.weight"].role == "readout"
+    tied, hidden = model.embed.weight.detach().clone(), model.fc.weight.detach().clone()
+    with pytest.raises(ValueError, match="tied as embed.weight and head.weight.*model_init='fixed_std'"):
+        plan.apply_init(model, "torch_default")
+    assert torch.equal(model.fc.weight, hidden)  # refused before any change
+    plan.apply_init(model, "fixed_std")  # Table 8: input and output weights keep a width-independent init
+    assert torch.equal(model.embed.weight, tied) and torch.equal(model.fc.weight, hidden / 2)
+
+
+def test_embedding_as_readout_is_refused() -> None:
+    with torch.device("meta"):
+        model, base, delta = Tied(32), Tied(8), Tied(16)
+    with pytest.raises(ValueError, match=r"readout='embed' is an Embedding.*nn.Linear output layer tied"):
+        MuPPlan.from_models(model, base, delta, readout="embed")
+
+
 def test_to_dict_round_trip_and_weights_only_load(plan: MuPPlan) -> None:
     state = plan.to_dict()
     buffer = io.BytesIO()
@@ -328,6 +374,44 @@ def test_param_groups_are_not_scaled_twice(model: Net, plan: MuPPlan) -> None:
     assert [g["lr"] for g in optimizer.param_groups] == lrs
 
 
+def test_param_groups_of_another_family_are_refused(model: Net, plan: MuPPlan) -> None:
+    optimizer = torch.optim.SGD(plan.param_groups(model, lr=0.1, optimizer="adam"))
+    with pytest.raises(ValueError, match=r"optimizer='adam'\) were given to SGD.*build them with optimizer='sgd'"):
+        plan.regroup(optimizer, model)
+    optimizer = torch.optim.SGD(plan.param_groups(model, lr=0.1, optimizer="sgd"))
+    assert not plan.regroup(optimizer, model)
+    assert {g["mup_family"] for g in optimizer.param_groups} == {"sgd"}
+
+
+@pytest.mark.parametrize("floor", ["CosineAnnealingLR", "CosineAnnealingWarmRestarts", "SequentialLR"])
+def test_scheduler_with_an_absolute_lr_floor_is_refused(model: Net, plan: MuPPlan, floor: str) -> None:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    schedulers = torch.optim.lr_scheduler
+    if floor == "CosineAnnealingLR":
+        scheduler = schedulers.CosineAnnealingLR(optimizer, T_max=4, eta_min=0.001)
+    elif floor == "CosineAnnealingWarmRestarts":
+        scheduler = schedulers.CosineAnnealingWarmRestarts(optimizer, T_0=4, eta_min=0.001)
+    else:
+        warm = schedulers.LinearLR(optimizer, start_factor=0.5, total_iters=2)
+        cosine = schedulers.CosineAnnealingLR(optimizer, T_max=4, eta_min=0.001)
+        scheduler = schedulers.SequentialLR(optimizer, [warm, cosine], milestones=[2])
+    with pytest.raises(ValueError, match=r"\(eta_min=0.001\).*ratios break.*min_lr_ratio"):
+        plan.regroup(optimizer, model, schedulers=[scheduler])
+    assert len(optimizer.param_groups) == 1  # refused before any change
+
+
+def test_cosine_schedule_to_zero_keeps_each_group_proportional(model: Net, plan: MuPPlan) -> None:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
+    plan.regroup(optimizer, model, schedulers=[scheduler])
+    for step in range(1, 4):
+        optimizer.step()
+        scheduler.step()
+        cosine = 0.5 * (1 + math.cos(math.pi * step / 4))
+        for group in optimizer.param_groups:
+            assert math.isclose(group["lr"], 0.01 * group["mup_lr_factor"] * cosine, rel_tol=1e-9)
+
+
 def test_optimizer_family_detection() -> None:
     params = [nn.Parameter(torch.zeros(1))]
     for cls in (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad):
@@ -335,6 +419,8 @@ def test_optimizer_family_detection() -> None:
     assert detect_optimizer_family(torch.optim.SGD(params, lr=0.1)) == "sgd"
     with pytest.raises(TypeError, match="optimizer_family='adam'"):
         detect_optimizer_family(torch.optim.LBFGS(params))
+    with pytest.raises(TypeError, match="optimizer_family='adam'"):  # its steps scale with RMS(param): not Adam's rules
+        detect_optimizer_family(torch.optim.Adafactor(params))
 
 
 def test_attention_scale() -> None:

@@ -1,4 +1,7 @@
-"""Kill a real training job with SIGKILL and resume it from its last checkpoint: nothing may differ."""
+"""Kill a real training job with SIGKILL and resume it from its last checkpoint: nothing may differ.
+
+The train split is 5 batches an epoch, so the resumed job finishes one epoch and runs through the next two.
+"""
 
 import pytest
 import torch
@@ -14,7 +17,8 @@ def _fit_args(records, extra=()):
         "fit",
         "--config",
         str(CONFIGS / "gpt_demo.yaml"),
-        *tiny_cli_args(max_steps=8),
+        *tiny_cli_args(max_steps=12),
+        "--data.init_args.max_bytes=700",  # 43 windows of 16 bytes: 5 batches of 8 an epoch
         "--trainer.logger=false",
         "--trainer.val_check_interval=100",
         "--trainer.limit_val_batches=0",
@@ -40,7 +44,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     run_cli(_fit_args("steps.jsonl", ["--ckpt_path=ckpt/last.ckpt"]), tmp_path / "b")
 
     uninterrupted, resumed = read_records(tmp_path / "a" / "steps.jsonl"), read_records(tmp_path / "b" / "steps.jsonl")
-    assert sorted(resumed) == sorted(uninterrupted) == list(range(1, 9))
+    assert sorted(resumed) == sorted(uninterrupted) == list(range(1, 13))
     for step in uninterrupted:
         assert resumed[step]["first_bytes"] == uninterrupted[step]["first_bytes"], f"data differs at step {step}"
         assert resumed[step]["lrs"] == uninterrupted[step]["lrs"]

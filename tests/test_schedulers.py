@@ -162,6 +162,51 @@ def test_lr_max_default_rejects_a_zero_optimizer_lr():
         PowerScheduler(sgd(0.0), tokens_per_step=4096)
 
 
+@pytest.mark.parametrize("optimizer_lr", [0.003, 0.02, 0.1])
+def test_an_explicit_lr_max_caps_the_largest_group_whatever_the_optimizer_lr(optimizer_lr):
+    """The largest group follows min(lr_max, beta a n^b); the other groups keep their ratio to it."""
+    tps = 4096 * 1024  # beta = 1024: the cap binds early on, the law later
+    optimizer = sgd(optimizer_lr, optimizer_lr / 4)
+    scheduler = PowerScheduler(optimizer, tokens_per_step=tps, a=4.0, b=-0.5, lr_max=0.01)
+    for k in (0, 10, 100_000):
+        scheduler.last_epoch = k
+        scheduler._apply_lr()
+        expected = reference_power((k + 1) * tps, tps, 0.01, lr_max=0.01)
+        assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([expected, expected / 4], rel=1e-12)
+    assert optimizer.param_groups[0]["lr"] < 0.01  # at k = 100000 the law is below the cap
+
+
+def test_muP_groups_built_before_the_scheduler_follow_the_law_times_their_factor():
+    """With muP SGD, vector-like groups get lr * width_mult > lr: the reference is still the optimizer's lr."""
+    from torch import nn
+
+    from lightning_power.mup import MuPPlan
+
+    def mlp(width):
+        return nn.Sequential(nn.Linear(3, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 2))
+
+    with torch.device("meta"):
+        base, delta = mlp(8), mlp(16)
+    model = mlp(32)
+    groups = MuPPlan.from_models(model, base, delta).param_groups(model, lr=0.01, optimizer="sgd")
+    optimizer = torch.optim.SGD(groups, lr=0.01)
+    assert {g["mup_lr_factor"] for g in groups} == {4.0, 1.0}  # width_mult 4: the largest initial LR is 0.04
+    tps = 4096 * 1024
+    PowerScheduler(optimizer, tokens_per_step=tps, a=4.0, b=-0.5)
+    eta = reference_power(tps, tps, 0.01, lr_max=0.01)
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(eta * group["mup_lr_factor"], rel=1e-12)
+
+
+def test_lr_max_inf_follows_the_uncapped_law():
+    tps = 4096
+    optimizer = sgd(0.02)
+    scheduler = PowerScheduler(optimizer, tokens_per_step=tps, a=4.0, b=-0.5, lr_max=math.inf)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(4.0 * tps**-0.5, rel=1e-12)  # 0.0625 > 0.02
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(4.0 * (2 * tps) ** -0.5, rel=1e-12)
+
+
 def test_per_group_state_is_only_base_lrs():
     """The muP callback may split groups after construction and rescale ``base_lrs``: LR_i = base_lrs[i] * factor."""
     optimizer = sgd(0.02)

@@ -1,13 +1,14 @@
-"""The monitor's shard code on 2 CPU processes (gloo): FSDP1 flat views (uneven and empty shards) and FSDP2 DTensors.
+"""The monitor on 2 CPU processes (gloo): FSDP1 flat views (uneven and empty shards), FSDP2 DTensors, and DDP.
 
-One subprocess job runs this file as a script (Lightning relaunches it once per extra rank):
+A subprocess job runs this file as a script (Lightning relaunches it once per extra rank). The ``shards`` job:
 
 1. FSDP1 (``lightning_power.strategies.FSDPStrategy``, which runs on CPU) for 4 steps, with a checkpoint at step 3,
    between two checks;
 2. FSDP1 resumed from that checkpoint to step 6, writing the masks; then a final full checkpoint;
 3. FSDP2 (``ModelParallelStrategy``) for 6 steps, writing the masks.
 
-Rank 0 writes what it saw to JSON; the test checks it against SlidingColumns' exact ground truth.
+Rank 0 writes what it saw to JSON; the test checks it against SlidingColumns' exact ground truth. The ``ddp_resume``
+job resumes a 1-process checkpoint under DDP on 2 processes (an unsharded run: every rank reads rank 0's snapshots).
 """
 
 from __future__ import annotations
@@ -81,6 +82,54 @@ def run_job(out: Path) -> None:
         )
 
 
+def run_ddp_resume_job(out: Path) -> None:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_power.sparsity import UpdateSparsityMonitor
+
+    torch.manual_seed(0)
+    monitor = UpdateSparsityMonitor(every_n_steps=2)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=6,
+        callbacks=[ModelCheckpoint(dirpath=out / "ckpt-ddp", every_n_train_steps=5, save_top_k=-1), monitor],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out / "ddp",
+    )
+    trainer.fit(SlidingColumns(), ckpt_path=next((out / "ckpt").glob("*step=3*")))
+    (out / f"ddp-rank{trainer.global_rank}.json").write_text(json.dumps(monitor.history))
+
+
+JOBS = {"shards": run_job, "ddp_resume": run_ddp_resume_job}
+
+
+@pytest.mark.distributed
+def test_unsharded_run_resumes_on_another_number_of_processes(tmp_path):
+    """1 process -> DDP on 2 processes -> 1 process, each time between two checks (since-last snapshot from a file)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_power.sparsity import UpdateSparsityMonitor
+    from tests.helpers.jobs import run
+    from tests.test_sparsity_monitor import fit, fresh_model
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    fit(fresh_model(), UpdateSparsityMonitor(every_n_steps=2), tmp_path / "one", max_steps=3, callbacks=[checkpoints])
+    run([sys.executable, __file__, "ddp_resume", str(tmp_path)], cwd=tmp_path, timeout=600)
+    for rank in (0, 1):  # every rank logs the same numbers
+        assert_history(json.loads((tmp_path / f"ddp-rank{rank}.json").read_text()), expected_history([2, 4, 6]))
+    files = sorted(p.name for p in (tmp_path / "one" / "update_sparsity").glob("*.pt"))
+    assert [f.split("-")[0] for f in files] == ["reference", "since_last", "since_last"]  # steps 2 and 4, by rank 0
+    assert all(f.endswith("-rank0-of-1.pt") for f in files)  # named after the run that started them
+    resumed = UpdateSparsityMonitor(every_n_steps=2)
+    fit(fresh_model(), resumed, tmp_path / "again", max_steps=6, ckpt_path=next((tmp_path / "ckpt-ddp").glob("*")))
+    assert_history(resumed.history, expected_history([2, 4, 6]))
+
+
 @pytest.mark.distributed
 @cpu_fsdp1_full_checkpoint
 @cpu_fsdp2
@@ -89,7 +138,7 @@ def test_fsdp1_and_fsdp2_two_processes(tmp_path):
     from lightning_power.sparsity.rank import update_rank
     from tests.helpers.jobs import run
 
-    run([sys.executable, __file__, str(tmp_path)], cwd=tmp_path, timeout=600)
+    run([sys.executable, __file__, "shards", str(tmp_path)], cwd=tmp_path, timeout=600)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["rank0_shards"]["first.bias"] == 0  # FSDP1 split first's 108 flat elements 54/54: bias on rank 1
     assert result["rank0_shards"]["first.weight"] == 54
@@ -124,4 +173,4 @@ def test_fsdp1_and_fsdp2_two_processes(tmp_path):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    run_job(Path(sys.argv[1]))
+    JOBS[sys.argv[1]](Path(sys.argv[2]))

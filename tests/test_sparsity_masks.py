@@ -73,6 +73,20 @@ def test_overlap_with_known_intersection(tmp_path):
     assert report.layers["head"].intersection == 3 and report.layers["blocks.0"].observed.iou == pytest.approx(20 / 70)
 
 
+def test_overlap_of_masks_that_list_the_parameters_in_different_orders(tmp_path):
+    # Same model, modules declared in another order: B's counts must be matched to A's parameters by name.
+    a = {"first.w": mask((4, 4), range(0, 16)), "second.w": mask((2, 4), [0])}
+    b = {"second.w": mask((2, 4), [0, 1]), "first.w": mask((4, 4), range(0, 8))}
+    write_masks_file(tmp_path / "a.npz", a)
+    write_masks_file(tmp_path / "b.npz", b)
+    report = overlap(tmp_path / "a.npz", tmp_path / "b.npz")
+    first, second = report.layers["first"], report.layers["second"]
+    assert (first.changed_a, first.changed_b, first.intersection) == (16, 8, 8)
+    assert (second.changed_a, second.changed_b, second.intersection) == (1, 2, 1)
+    assert (first.observed.overlap_b, second.observed.overlap_b) == (1.0, 0.5)
+    assert report.chance_per_layer.overlap_a == pytest.approx((16 * 8 / 16 + 1 * 2 / 8) / 17)
+
+
 def test_cli_prints_table_and_json(tmp_path, capsys):
     a = {"w": mask((4, 4), range(0, 8))}
     write_masks_file(tmp_path / "a.npz", a)

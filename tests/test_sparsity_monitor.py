@@ -252,6 +252,56 @@ def test_parameters_that_become_nan_count_as_changed_with_a_warning(tmp_path):
     assert [m["update_sparsity/total"] for _, m in monitor.history] == [1.0, 1 - 1 / 32]
 
 
+class QuantizedFrozen(SlidingColumns):
+    """SlidingColumns plus a frozen int8 weight, as a quantized base model (QLoRA-style) has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qweight = nn.Parameter(torch.randint(-128, 128, (6, 4), dtype=torch.int8), requires_grad=False)
+
+
+def test_parameters_that_are_not_floating_point_are_left_out_with_a_warning(tmp_path):
+    torch.manual_seed(0)
+    monitor = UpdateSparsityMonitor(every_n_steps=2, save_masks=True, rank_every_n_checks=1)
+    with pytest.warns(UserWarning, match=r"1 parameters are not floating point .*\['qweight \(torch.int8\)'\]"):
+        fit(QuantizedFrozen(), monitor, tmp_path, max_steps=4)
+    assert_history(monitor.history, expected_history([2, 4]))  # denominators without qweight's 24 elements
+    assert not any("qweight" in key for _, metrics in monitor.history for key in metrics)
+    masks = MaskFile.open(tmp_path / "update_sparsity" / "masks-native-step4.npz")
+    assert "qweight" not in [p["name"] for p in masks.parameters]
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization with two optimizers: each batch makes two ``opt.step()``, so ``global_step`` moves by 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.first, self.second = nn.Linear(4, 3), nn.Linear(3, 2)
+
+    def training_step(self, batch, batch_idx):
+        generator = torch.Generator().manual_seed(batch_idx)
+        inputs, targets = torch.randn(4, 4, generator=generator), torch.randn(4, 2, generator=generator)
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+            self.manual_backward(F.mse_loss(self.second(self.first(inputs)), targets))
+            optimizer.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.first.parameters(), lr=0.1), torch.optim.SGD(self.second.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(range(64), batch_size=1)
+
+
+def test_checks_when_global_step_jumps_over_a_multiple(tmp_path):
+    monitor = UpdateSparsityMonitor(every_n_steps=3)
+    trainer = fit(TwoOptimizers(), monitor, tmp_path, max_steps=12)
+    assert trainer.global_step == 12
+    # global_step goes 2, 4, 6, ...: a check at the first step at or after each multiple of 3.
+    assert [step for step, _ in monitor.history] == [4, 6, 10, 12]
+
+
 def test_stop_and_resume_reports_the_same_sequence(tmp_path):
     uninterrupted = UpdateSparsityMonitor(every_n_steps=2)
     fit(fresh_model(), uninterrupted, tmp_path / "a", max_steps=6)
@@ -274,7 +324,7 @@ def test_stop_and_resume_reports_the_same_sequence(tmp_path):
         assert resumed.history == uninterrupted.history
 
 
-def test_resume_refuses_changed_settings_missing_snapshots_and_other_world_sizes(tmp_path):
+def test_resume_refuses_changed_settings_missing_snapshots_and_other_world_sizes_of_sharded_runs(tmp_path):
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
     fit(fresh_model(), UpdateSparsityMonitor(every_n_steps=2), tmp_path / "run", max_steps=3, callbacks=[checkpoints])
     checkpoint = next((tmp_path / "ckpt").glob("*.ckpt"))
@@ -287,10 +337,20 @@ def test_resume_refuses_changed_settings_missing_snapshots_and_other_world_sizes
             ckpt_path=checkpoint,
         )
     state = torch.load(checkpoint, weights_only=False)
-    state["callbacks"]["UpdateSparsityMonitor"]["world_size"] = 2
+    saved = state["callbacks"]["UpdateSparsityMonitor"]
+    assert saved["sharded"] is False and saved["world_size"] == 1
+    saved.update(world_size=2, sharded=True)  # as a 2-process FSDP run saves it
     torch.save(state, tmp_path / "two.ckpt")
-    with pytest.raises(ValueError, match="cannot resume on 1 processes"):
+    with pytest.raises(ValueError, match="cannot resume on 1 processes: .* per-rank shards of a 2-process run"):
         fit(fresh_model(), UpdateSparsityMonitor(every_n_steps=2), tmp_path, 4, ckpt_path=tmp_path / "two.ckpt")
+    del saved["sharded"]  # as older versions saved it: assumed sharded
+    torch.save(state, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match="cannot resume on 1 processes"):
+        fit(fresh_model(), UpdateSparsityMonitor(every_n_steps=2), tmp_path, 4, ckpt_path=tmp_path / "old.ckpt")
+    saved.update(world_size=1, sharded=True)  # a 1-process sharded run resumed unsharded
+    torch.save(state, tmp_path / "sharded.ckpt")
+    with pytest.raises(ValueError, match=r"cannot resume a sharded \(FSDP or FSDP2\) run unsharded"):
+        fit(fresh_model(), UpdateSparsityMonitor(every_n_steps=2), tmp_path, 4, ckpt_path=tmp_path / "sharded.ckpt")
     next((tmp_path / "run" / "update_sparsity").glob("since_last-*")).unlink()
     with pytest.raises(FileNotFoundError, match="since_last-.*is missing"):
         fit(fresh_model(), UpdateSparsityMonitor(every_n_steps=2), tmp_path, 4, ckpt_path=checkpoint)
@@ -361,8 +421,23 @@ def test_update_rank_of_rank_one_updates(tmp_path):
         assert metrics["update_stable_rank/w"] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_update_rank_is_nan_once_a_parameter_is_nan_and_the_fit_goes_on(tmp_path):
+    monitor = UpdateSparsityMonitor(every_n_steps=1, rank_every_n_checks=1)
+    loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
+    with pytest.warns(UserWarning, match=r"contain NaN .*\['w'\]"):
+        fit(SameInput(), monitor, tmp_path, max_steps=2, callbacks=[PoisonAt(2)], logger=loggers)
+    (_, first), (_, second) = monitor.history
+    assert first["update_rank/w"] == 1 / 5
+    assert math.isnan(second["update_rank/w"]) and math.isnan(second["update_stable_rank/w"])
+    assert second["update_sparsity/total"] == 0.0  # SGD moved every element; the NaN one counts as changed too
+    logged = read_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
+    assert logged["update_rank/w"][0] == (1, 1 / 5) and math.isnan(logged["update_rank/w"][1][1])
+
+
 def test_update_rank_formula():
     assert update_rank(torch.zeros(3, 4)) == (0.0, 0.0)
+    for bad in (float("nan"), float("inf")):
+        assert all(math.isnan(value) for value in update_rank(torch.tensor([[1.0, bad], [0.0, 2.0]])))
     fraction, stable = update_rank(torch.diag(torch.tensor([4.0, 3.0, 0.0])))
     assert fraction == 2 / 3 and stable == pytest.approx((16 + 9) / 16)
     with pytest.raises(ValueError, match="must be a matrix"):

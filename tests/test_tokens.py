@@ -34,6 +34,12 @@ def test_uncountable_batch_raises(batch):
         count_tokens(batch)
 
 
+def test_a_four_dimensional_attention_mask_is_refused_not_summed():
+    causal = torch.ones(2, 1, 4, 4).tril()  # a packing collator's (batch, 1, query, key) mask: sums to 20, not 8
+    with pytest.raises(ValueError, match=r"attention_mask.*\(2, 1, 4, 4\).*count_fn"):
+        count_tokens({"input_ids": torch.zeros(2, 4), "attention_mask": causal})
+
+
 def test_count_fn_must_be_callable():
     with pytest.raises(TypeError, match="count_fn"):
         TokenCounter(count_fn=5)

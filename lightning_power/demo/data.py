@@ -92,6 +92,10 @@ class ResumableShuffleSampler(DistributedSampler):
     Rank ``r`` of ``W`` takes positions ``r, r + W, r + 2W, ...`` of the epoch's permutation, so the union of one step's
     per-rank batches is the same global batch a single process would draw. ``skip`` samples (per rank) are left out
     at the start of the epoch given to :meth:`resume_at`; other epochs are whole.
+
+    ``len()`` is always the whole epoch, also in the resumed one: Lightning reads the loader's length once, as the
+    length of every epoch, and counts the resumed epoch's batches from the checkpoint's position, so a shortened
+    length would cut that epoch (or every later one) short.
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
@@ -110,7 +114,7 @@ class ResumableShuffleSampler(DistributedSampler):
         return iter(permutation[self.rank :: self.num_replicas][self._start() :].tolist())
 
     def __len__(self) -> int:
-        return self.num_samples - self._start()
+        return self.num_samples
 
 
 class ByteCorpus(pl.LightningDataModule):

@@ -163,6 +163,12 @@ class GPT(pl.LightningModule):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits of shape ``(batch, time, 256)`` for byte ids ``tokens`` of shape ``(batch, time)``."""
+        if tokens.shape[1] > self.context_length:
+            raise ValueError(
+                f"GPT got sequences of {tokens.shape[1]} tokens but has position embeddings for context_length="
+                f"{self.context_length}; make the data's context_length (ByteCorpus: data.init_args.context_length) "
+                "at most the model's (model.init_args.context_length)"
+            )
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.embedding_multiplier * (self.token_embedding(tokens) + self.position_embedding(positions))
         for block in self.blocks:

@@ -56,8 +56,9 @@ class MuP(Callback):
         model_init: how the module initialises itself, which decides how the init is rescaled:
             ``"fixed_std"`` (width-independent stds such as ``normal_(std=0.02)``; hidden weights get
             ``1/sqrt(m)``), ``"torch_default"`` (PyTorch's ``1/sqrt(fan_in)``; readout weights and biases get
-            ``sqrt(m)``), or ``None`` to leave the weights alone (the module applies muP init itself, or starts from
-            trained weights). Never applied twice to one module; a resumed run's weights come from the checkpoint.
+            ``sqrt(m)``; refused for a readout tied to the embedding), or ``None`` to leave the weights alone (the
+            module applies muP init itself, or starts from trained weights). Never applied twice to one module; a
+            resumed run's weights come from the checkpoint.
         optimizer_family: ``"adam"`` or ``"sgd"`` muP LR rules; ``None`` detects them from each optimizer's class.
 
     Example::
@@ -166,8 +167,8 @@ class MuP(Callback):
         log_dir = trainer.log_dir  # a collective: every rank asks
         assert self.plan is not None
         if trainer.is_global_zero:
-            families = getattr(pl_module.__dict__.get("configure_optimizers"), "families", {})
-            write_atomically(os.path.join(log_dir, TABLE_FILENAME), self._table_csv(families))
+            applied = getattr(pl_module.__dict__.get("configure_optimizers"), "applied", {})
+            write_atomically(os.path.join(log_dir, TABLE_FILENAME), self._table_csv(applied))
         metrics = {f"mup/num_{role}": float(count) for role, count in self.plan.role_counts().items()}
         metrics["mup/width_mult"] = self.plan.max_width_mult
         for logger in trainer.loggers:
@@ -217,9 +218,9 @@ class MuP(Callback):
             delta = _build_variant(pl_module, self.delta_overrides, "delta_overrides")
         return MuPPlan.from_models(pl_module, base, delta, self.readout)
 
-    def _table_csv(self, families: Mapping[str, OptimizerFamily]) -> str:
+    def _table_csv(self, applied: Mapping[str, tuple[OptimizerFamily, float, float]]) -> str:
         assert self.plan is not None
-        rows = self.plan.table(families, self.model_init)
+        rows = self.plan.table(applied, self.model_init)
         for row in rows:
             row["init_std"] = self._init_std.get(row["name"], math.nan)
         out = io.StringIO()
@@ -235,7 +236,8 @@ class _RegroupingConfigureOptimizers:
 
     def __init__(self, module: nn.Module, inner: Any, plan: MuPPlan, family: OptimizerFamily | None) -> None:
         self.module, self.inner, self.plan, self.family = module, inner, plan, family
-        self.families: dict[str, OptimizerFamily] = {}  # parameter name -> the LR rules applied to it
+        # parameter name -> the muP rules and the LR and WD factors of its param group
+        self.applied: dict[str, tuple[OptimizerFamily, float, float]] = {}
 
     def __call__(self) -> Any:
         result = self.inner() if self.inner is not None else type(self.module).configure_optimizers(self.module)
@@ -246,7 +248,7 @@ class _RegroupingConfigureOptimizers:
             self.plan.regroup(optimizer, self.module, family, schedulers)
             for group in optimizer.param_groups:
                 for param in group["params"]:
-                    self.families[names[id(param)]] = family
+                    self.applied[names[id(param)]] = (family, group["mup_lr_factor"], group["mup_wd_factor"])
         return result
 
 

@@ -6,7 +6,8 @@ init (Tensor Programs V, arXiv:2203.03466, Sec. 5 and the ``mup`` README). The c
 fits the log-log slope of that size against width, per module and step. A slope near 0 is flat; under the standard
 parametrization (SP) slopes are clearly positive (activations blow up with width).
 
-Pass rule: every slope within ``+-tolerance``. A width-scaling bug moves slopes by at least 0.5 (a factor
+Pass rule: every slope within ``+-tolerance``, and no mean ``|output|`` infinite, NaN or 0 (0 passes only at step 1, at
+every width: a zero-initialised layer). A width-scaling bug moves slopes by at least 0.5 (a factor
 ``sqrt(width)``): SP's hidden activations start at +0.5 and reach +1 to +2 within 5 steps, and dropping muP's init
 rescale, readout multiplier or hidden-LR scaling each gives +0.5 or more. Correct muP is flat only up to finite-width
 effects; on the demo GPT at widths 32-256, Adam at LR 2^-6 and 3 seeds we measured slopes within +-0.36 by step 5
@@ -45,14 +46,14 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import yaml
 from torch import nn
 
 from lightning_power.files import write_atomically
-from lightning_power.mup.plan import ModelInit, MuPPlan, detect_optimizer_family
+from lightning_power.mup.plan import ModelInit, MuPPlan, OptimizerFamily, detect_optimizer_family
 
 DEFAULT_LR = 2.0**-6  # large for Adam on the demo task (mup_cpu_baseline.md), as a coordinate check wants
 DEFAULT_TOLERANCE = 0.4  # see the module docstring
@@ -70,8 +71,9 @@ class CoordCheckResult:
 
     ``l1[module][t - 1][i]`` is the value at step ``t`` (1 = the forward before the first update) and width
     ``widths[i]``; ``slopes[module][t - 1]`` its least-squares slope of ``log2 l1`` on ``log2 width`` (NaN when a value
-    is 0, e.g. a zero-initialised layer at step 1). ``readout_outputs`` are the modules allowed to shrink (the
-    readouts and the model output, ``<output>``); ``failures`` lists every slope out of range.
+    is 0, infinite or NaN). ``readout_outputs`` are the modules allowed to shrink (the readouts and the model output,
+    ``<output>``); ``failures`` lists every slope out of range and every value that is infinite, NaN or 0 (0 passes
+    only at step 1 at every width: a zero-initialised layer).
     """
 
     parametrization: Literal["mup", "sp"]
@@ -115,11 +117,13 @@ class CoordCheckResult:
         lines = [title, header]
         for name, slopes in self.slopes.items():
             cells = []
-            for slope in slopes:
-                mark = "!" if _fails(slope, name in self.readout_outputs, self.tolerance) else " "
-                cells.append(f"{slope:+6.2f}{mark}" if math.isfinite(slope) else f"{'-':>6} ")
+            for t, slope in enumerate(slopes, start=1):
+                values = self.l1[name][t - 1]
+                failure = _failure(name, t, values, slope, name in self.readout_outputs, self.tolerance)
+                text = f"{slope:+6.2f}" if math.isfinite(slope) else "-" if all(map(math.isfinite, values)) else "nan"
+                cells.append(f"{text:>6}{'!' if failure else ' '}")
             lines.append(f"{name:<{name_width}} " + " ".join(cells))
-        verdict = "PASS" if self.passed else f"FAIL ({len(self.failures)} slopes out of range)"
+        verdict = "PASS" if self.passed else f"FAIL ({len(self.failures)} slopes out of range or values not finite)"
         lines.append(
             f"{self.parametrization}: {verdict}; largest |slope| outside the readout outputs "
             f"{self.max_abs_slope():.2f} (tolerance {self.tolerance:g})"
@@ -208,6 +212,7 @@ def coord_check(
     lr: float = DEFAULT_LR,
     optimizer: str | type[torch.optim.Optimizer] = "adamw",
     optimizer_args: Mapping[str, Any] | None = None,
+    optimizer_family: OptimizerFamily | None = None,
     readout: str | Sequence[str] | None = None,
     model_init: ModelInit | None = "fixed_std",
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
@@ -228,6 +233,7 @@ def coord_check(
         lr: the base learning rate; make it large, a coordinate check wants to provoke blow-ups.
         optimizer: ``"adamw"``, ``"adam"``, ``"sgd"`` or a torch optimizer class.
         optimizer_args: further optimizer arguments (betas, momentum, ...).
+        optimizer_family: ``"adam"`` or ``"sgd"`` muP LR rules; ``None`` detects them from the optimizer class.
         readout: the readout module name(s) for muP (see :class:`~lightning_power.mup.MuPPlan`).
         model_init: how the model initialises itself (see :class:`~lightning_power.mup.MuP`).
         loss_fn: ``(module, batch) -> loss``; by default the module's ``training_step(batch, 0)``.
@@ -254,7 +260,11 @@ def coord_check(
         optimizer_cls = OPTIMIZERS[optimizer]
     else:
         optimizer_cls = optimizer
-    family = detect_optimizer_family(optimizer_cls)
+    if optimizer_family is not None and optimizer_family not in get_args(OptimizerFamily):
+        raise ValueError(
+            f"optimizer_family must be one of {get_args(OptimizerFamily)} or None, got {optimizer_family!r}"
+        )
+    family = optimizer_family or detect_optimizer_family(optimizer_cls)
     factory = _factory(model, model_args or {}, width_arg)
 
     with torch.device("meta"):
@@ -284,10 +294,10 @@ def coord_check(
     slopes = {name: [_slope(log_widths, per_width) for per_width in per_step] for name, per_step in sums.items()}
     exceptions = sorted(name for name in sums if name.split("[")[0] in readouts | {ROOT})
     failures = [
-        f"{name} t={t}: slope {slope:+.3f}"
+        failure
         for name, per_step in slopes.items()
         for t, slope in enumerate(per_step, start=1)
-        if _fails(slope, name in exceptions, tolerance)
+        if (failure := _failure(name, t, sums[name][t - 1], slope, name in exceptions, tolerance))
     ]
     name = optimizer if isinstance(optimizer, str) else optimizer.__name__
     return CoordCheckResult(
@@ -295,16 +305,26 @@ def coord_check(
     )
 
 
-def _fails(slope: float, is_readout_output: bool, tolerance: float) -> bool:
-    if not math.isfinite(slope):
-        return False
+def _failure(
+    name: str, t: int, values: Sequence[float], slope: float, is_readout_output: bool, tolerance: float
+) -> str | None:
+    """Why module ``name`` fails at step ``t`` (its mean |output| per width and their slope), or ``None``.
+
+    An infinite or NaN value fails: the model blew up. So does 0, except at step 1 at every width (a zero-initialised
+    layer, e.g. ``zero_init_readout``).
+    """
+    shown = ", ".join(f"{v:g}" for v in values)
+    if not all(map(math.isfinite, values)):
+        return f"{name} t={t}: mean |output| is not finite ({shown} by width)"
+    if any(v == 0 for v in values):
+        return None if t == 1 and not any(values) else f"{name} t={t}: mean |output| is 0 ({shown} by width)"
     low = -0.5 - tolerance if is_readout_output else -tolerance
-    return not low <= slope <= tolerance
+    return None if low <= slope <= tolerance else f"{name} t={t}: slope {slope:+.3f}"
 
 
 def _slope(x: Sequence[float], values: Sequence[float]) -> float:
-    """Least-squares slope of ``log2(values)`` on ``x``; NaN if a value is not positive."""
-    if any(not v > 0 for v in values):
+    """Least-squares slope of ``log2(values)`` on ``x``; NaN unless every value is positive and finite."""
+    if any(not 0 < v < math.inf for v in values):
         return math.nan
     y = [math.log2(v) for v in values]
     mx, my = sum(x) / len(x), sum(y) / len(y)
@@ -412,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="lightning-power coord-check",
         description="Coordinate check of a LightningModule under muP, with SP side by side. Model, data, optimizer "
-        "and the MuP callback's readout / model_init are read from a lightning-power fit config.",
+        "and the MuP callback's readout / model_init / optimizer_family are read from a lightning-power fit config.",
     )
     parser.add_argument("--config", help="a `lightning-power fit` YAML (model, data, optimizer, MuP callback)")
     parser.add_argument("--model", help="model class path (default: the config's, else lightning_power.demo.GPT)")
@@ -465,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             lr=args.lr,
             optimizer=optimizer,
             optimizer_args=optimizer_args,
+            optimizer_family=None if args.optimizer else mup_args.get("optimizer_family"),
             readout=mup_args.get("readout"),
             model_init=mup_args.get("model_init", "fixed_std"),
             tolerance=args.tolerance,

@@ -59,6 +59,7 @@ _INIT_DONE_ATTR = "_lightning_power_mup_init_done"
 _MAX_LISTED = 5  # mismatches shown in an error message
 
 # Entrywise-normalised updates (Adam-like) vs updates proportional to the gradient (SGD-like); mup.optim docstring.
+# Not Adafactor: it also scales each step by RMS(param), so lr / m would shrink hidden updates like m^-3/2.
 _ADAM_LIKE = tuple(
     getattr(torch.optim, name)
     for name in (
@@ -71,7 +72,6 @@ _ADAM_LIKE = tuple(
         "Adadelta",
         "RMSprop",
         "Rprop",
-        "Adafactor",
         "SparseAdam",
     )
     if hasattr(torch.optim, name)
@@ -322,8 +322,9 @@ class MuPPlan:
         """Optimizer param groups of ``model``'s trainable parameters with muP ``lr`` and ``weight_decay``.
 
         Works for any torch optimizer of the family: ``torch.optim.AdamW(plan.param_groups(model, lr=1e-2))``.
-        Each group also records ``mup_lr_factor`` and ``mup_wd_factor``, so a :class:`~lightning_power.mup.MuP`
-        callback does not scale it again.
+        Each group also records ``mup_lr_factor``, ``mup_wd_factor`` and ``mup_family``, so a
+        :class:`~lightning_power.mup.MuP` callback does not scale it again, and refuses it for an optimizer of the
+        other family.
         """
         _check_family(optimizer)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -343,13 +344,24 @@ class MuPPlan:
         Each scheduler's per-group lists (``base_lrs``, ``_last_lr``, ``lr_lambdas``, ...) are expanded to the new
         groups, and its LR lists scaled the same way, so closed-form schedulers keep muP's ratios. ``family`` is
         detected from the optimizer class when ``None``. Groups that already carry ``mup_lr_factor`` (built by
-        :meth:`param_groups`) are kept as they are; returns ``False`` when that is every group.
+        :meth:`param_groups`) are kept as they are, provided they were built for ``family``; returns ``False`` when
+        that is every group.
         """
+        family = detect_optimizer_family(optimizer) if family is None else _check_family(family)
+        other = sorted({group.get("mup_family", family) for group in optimizer.param_groups} - {family})
+        if other:
+            raise ValueError(
+                f"param groups built by MuPPlan.param_groups(..., optimizer={other[0]!r}) were given to "
+                f"{type(optimizer).__qualname__}, which follows the {family!r} muP rules; build them with "
+                f"optimizer={family!r}"
+            )
+        schedulers = list(schedulers)
+        for scheduler in schedulers:
+            _refuse_absolute_lr_floor(scheduler, optimizer)
         if all("mup_lr_factor" in group for group in optimizer.param_groups):
             return False
         if optimizer.state:
             raise RuntimeError("muP must regroup an optimizer before its first step; this one already has state")
-        family = detect_optimizer_family(optimizer) if family is None else _check_family(family)
         names = _names_by_id(model)
         new_groups, origin = [], []
         for index, group in enumerate(optimizer.param_groups):
@@ -376,7 +388,7 @@ class MuPPlan:
         hyper = {key: value for key, value in group.items() if key != "params"}
         split = []
         for (lr_factor, wd_factor), params in buckets.items():
-            new = dict(hyper, params=params, mup_lr_factor=lr_factor, mup_wd_factor=wd_factor)
+            new = dict(hyper, params=params, mup_lr_factor=lr_factor, mup_wd_factor=wd_factor, mup_family=family)
             for key in _GROUP_LR_KEYS:
                 if key in new:
                     new[key] = new[key] * lr_factor
@@ -394,7 +406,8 @@ class MuPPlan:
         ``"fixed_std"``: the module draws with width-independent stds (``normal_(std=0.02)``, GPT-2, the demo GPT);
         hidden weights get ``1/sqrt(m_in)``, as ``mup.init.normal_``. ``"torch_default"``: PyTorch's
         ``reset_parameters`` (std ~ ``1/sqrt(fan_in)``) already suits hidden weights, but readout weights and the
-        biases of matrix layers get ``sqrt(m_in)``, as ``mup.set_base_shapes(rescale_params=True)``.
+        biases of matrix layers get ``sqrt(m_in)``, as ``mup.set_base_shapes(rescale_params=True)``
+        (:meth:`apply_init` refuses it for a readout tied to another parameter).
         """
         spec = self.spec_for(name)
         if model_init == "fixed_std":
@@ -414,6 +427,8 @@ class MuPPlan:
             raise ValueError(f"model_init must be one of {get_args(ModelInit)}, got {model_init!r}")
         if getattr(model, _INIT_DONE_ATTR, False):
             return False
+        if model_init == "torch_default":
+            self._refuse_tied_readout(model)
         with torch.no_grad():
             for name, param in _unique_named_parameters(model):
                 factor = self.init_factor(name, model_init)
@@ -421,6 +436,27 @@ class MuPPlan:
                     local_tensor(param).mul_(factor)
         setattr(model, _INIT_DONE_ATTR, True)
         return True
+
+    def _refuse_tied_readout(self, model: nn.Module) -> None:
+        """Refuse ``torch_default`` for a readout weight tied to another parameter, e.g. the input embedding.
+
+        Table 8 gives input and output weights a width-independent init, so a tied weight keeps its init. Under
+        ``torch_default`` it holds whichever layer's init ran last: ``nn.Embedding``'s N(0, 1), which must stay, or
+        ``nn.Linear``'s ``1/sqrt(fan_in)``, which needs ``sqrt(m_in)``. ``mup`` always multiplies (its issue #55).
+        """
+        names: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(logical_param_name(name))
+        for shared in names.values():
+            spec = self.params.get(shared[0])
+            if len(shared) > 1 and spec is not None and spec.role == "readout":
+                raise ValueError(
+                    f"model_init='torch_default' cannot rescale the readout weight tied as {' and '.join(shared)}: "
+                    "its init is whichever layer's ran last, width-independent (nn.Embedding) or 1/sqrt(width) "
+                    "(nn.Linear), and muP keeps a tied weight's init width-independent (Tensor Programs V, Table 8). "
+                    "Initialise it with a fixed std (e.g. normal_(std=0.02)) and pass model_init='fixed_std', or "
+                    "apply the init yourself and pass model_init=None"
+                )
 
     def attach_readouts(self, model: nn.Module) -> None:
         """Divide each readout's input by its width multiplier (``mup.MuReadout`` without swapping the layer).
@@ -436,13 +472,15 @@ class MuPPlan:
 
     # ----------------------------------------------------------------------------------------------- audit
     def table(
-        self, family: OptimizerFamily | Mapping[str, OptimizerFamily], model_init: ModelInit | None
+        self, applied: Mapping[str, tuple[OptimizerFamily, float, float]], model_init: ModelInit | None
     ) -> list[dict]:
-        """One row per parameter: class, shapes, multipliers, LR / WD / init factors (the audit CSV)."""
+        """One row per parameter: class, shapes, multipliers, LR / WD / init factors (the audit CSV).
+
+        ``applied`` maps a parameter name to the optimizer family and the LR and WD factors of its param group.
+        """
         rows = []
         for name, spec in self.params.items():
-            fam = family if isinstance(family, str) else family.get(name)
-            lr_factor, wd_factor = spec.lr_wd_factors(fam) if fam else (math.nan, math.nan)
+            fam, lr_factor, wd_factor = applied.get(name, ("", math.nan, math.nan))
             rows.append(
                 {
                     "name": name,
@@ -452,7 +490,7 @@ class MuPPlan:
                     "fan_in_mult": spec.fan_in_mult,
                     "fan_out_mult": spec.fan_out_mult,
                     "forward_multiplier": 1.0 / spec.width_mult if spec.role == "readout" else 1.0,
-                    "optimizer_family": fam or "",
+                    "optimizer_family": fam,
                     "lr_factor": lr_factor,
                     "wd_factor": wd_factor,
                     "init_factor": self.init_factor(name, model_init) if model_init else 1.0,
@@ -481,6 +519,20 @@ def _check_family(family: str) -> OptimizerFamily:
     if family not in get_args(OptimizerFamily):
         raise ValueError(f"optimizer family must be one of {get_args(OptimizerFamily)}, got {family!r}")
     return family  # type: ignore[return-value]
+
+
+def _refuse_absolute_lr_floor(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """An LR floor shared by every group (``CosineAnnealingLR``'s ``eta_min``) would undo muP's per-group ratios."""
+    for child in getattr(scheduler, "_schedulers", ()):  # SequentialLR, ChainedScheduler
+        _refuse_absolute_lr_floor(child, optimizer)
+    eta_min = getattr(scheduler, "eta_min", 0)
+    if getattr(scheduler, "optimizer", None) is optimizer and eta_min != 0:
+        raise ValueError(
+            f"{type(scheduler).__qualname__}(eta_min={eta_min!r}) decays every param group towards one absolute LR, "
+            "so muP's smaller hidden-layer LRs would rise towards it and the per-group LR ratios break. Use "
+            "eta_min=0, or a floor relative to each group's LR: lightning_power.WSDScheduler(min_lr_ratio=...) or a "
+            "LambdaLR"
+        )
 
 
 def _rebase_scheduler(
@@ -622,6 +674,13 @@ def _find_readouts(
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or id(weight) not in names:
             raise ValueError(f"readout={name!r} names no module with a weight; modules include {_first(list(modules))}")
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            raise ValueError(
+                f"readout={name!r} is an {type(module).__name__}: the readout multiplier divides the module's input, "
+                "here token ids. Logits computed with F.linear(x, embedding.weight) are outside any module, so the "
+                "multiplier cannot reach them: compute them with an nn.Linear output layer tied to the embedding "
+                "(head.weight = embedding.weight) and name that layer, e.g. readout='head'"
+            )
         weight_name = names[id(weight)]
         if required and not maps_width_to_fixed(weight_name):
             raise ValueError(

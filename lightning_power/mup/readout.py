@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -42,13 +43,20 @@ class ReadoutMultiplier:
 
 
 def attach_readout_multiplier(module: nn.Module, width_mult: float) -> ReadoutMultiplier:
-    """Register (or update, if already there) ``module``'s :class:`ReadoutMultiplier`; returns it."""
+    """Register (or update, if already there) ``module``'s :class:`ReadoutMultiplier`; returns it.
+
+    Registering a new one clears ``torch.compile``'s caches (``torch.compiler.reset()``), so that graphs traced
+    without the multiplier are traced again; updating one needs no retrace.
+    """
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, ReadoutMultiplier):
             hook.width_mult = ReadoutMultiplier(width_mult).width_mult
             return hook
     hook = ReadoutMultiplier(width_mult)
     module.register_forward_pre_hook(hook)
+    # Dynamo does not guard on module hooks (torch._dynamo.config.skip_nnmodule_hook_guards), so a graph traced
+    # before this hook existed, for this module or another instance of its class, would be reused without it.
+    torch.compiler.reset()
     return hook
 
 

@@ -50,14 +50,18 @@ class UpdateSparsityMonitor(Callback):
       count as unchanged);
     - ``update_sparsity/<layer>``: per layer (with ``per_layer``; layers as in ``layers.py``, e.g. ``blocks.3``);
     - ``update_rank/<param>`` and ``update_stable_rank/<param>`` of each matrix's update ``W - W_ref`` (every
-      ``rank_every_n_checks`` checks).
+      ``rank_every_n_checks`` checks; NaN when the update holds a NaN or an infinity).
+
+    Parameters that are not floating point (e.g. frozen int8 quantized weights) are left out of every count and
+    denominator, with one warning that names them.
 
     The settings (``compare_as``, ``atol``, ``reference``) go to each logger's hyperparameters. At the end of the fit
     it writes a per-layer heatmap PNG (also to TensorBoard) and, with ``save_masks``, the bit-packed change masks
     that ``lightning-power sparsity-overlap`` compares, both under ``<log_dir>/update_sparsity/``.
 
     Args:
-        every_n_steps: check after every this many optimizer steps (>= 1).
+        every_n_steps: check whenever ``trainer.global_step`` reaches or passes a multiple of this (>= 1): every this
+            many optimizer steps, even when one batch makes several (manual optimization with several optimizers).
         reference: ``"fit_start"``, or the path of a Lightning checkpoint whose ``state_dict`` is the reference.
         atol: 0 compares bit patterns; > 0 also counts ``|current - reference| <= atol`` as unchanged (the paper
             uses 1e-5 on bfloat16 values).
@@ -137,7 +141,7 @@ class UpdateSparsityMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        layout = shard_layout(pl_module, root=trainer.model)
+        layout = self._floating_point_parts(shard_layout(pl_module, root=trainer.model))
         # Snapshot files are per rank under sharding; unsharded replicas (DDP) share rank 0's.
         self._file_rank = trainer.global_rank if layout.group is not None else 0
         self._writes_files = trainer.global_rank == self._file_rank
@@ -186,10 +190,10 @@ class UpdateSparsityMonitor(Callback):
     ) -> None:
         self._flush()
         step = trainer.global_step
-        if step == self._last_seen_step:  # a gradient-accumulation micro-batch: no optimizer step happened
-            return
-        self._last_seen_step = step
-        if step % self.every_n_steps == 0:
+        previous, self._last_seen_step = self._last_seen_step, step
+        # A multiple of every_n_steps reached or passed since the last batch (global_step may move by more than one,
+        # e.g. with several optimizers under manual optimization; it does not move on accumulation micro-batches).
+        if step // self.every_n_steps > previous // self.every_n_steps:
             self._check(trainer, step)
 
     @override
@@ -249,6 +253,18 @@ class UpdateSparsityMonitor(Callback):
             "since_last": self.since_last,
         }
 
+    @staticmethod
+    def _floating_point_parts(layout: ShardLayout) -> ShardLayout:
+        """``layout`` without the parameters that are not floating point (e.g. frozen int8 quantized weights)."""
+        others = [part for part in layout.parts if not part.param.dtype.is_floating_point]
+        if not others:
+            return layout
+        rank_zero_warn(
+            f"UpdateSparsityMonitor: {len(others)} parameters are not floating point and are left out of every count "
+            f"and denominator: {[f'{part.name} ({part.param.dtype})' for part in others][:10]}"
+        )
+        return ShardLayout([part for part in layout.parts if part.param.dtype.is_floating_point], layout.group)
+
     def _resolve_snapshot_device(self, layout: ShardLayout) -> torch.device:
         tensors = [part.local() for part in layout.parts]
         device = tensors[0].device if tensors else torch.device("cpu")
@@ -279,6 +295,7 @@ class UpdateSparsityMonitor(Callback):
             "run_id": trainer.strategy.broadcast(uuid.uuid4().hex),
             "dir": str(log_dir.resolve()),
             "world_size": trainer.world_size,
+            "sharded": checker.group is not None,
             "reference_step": reference_step,
             "reference_checkpoint": fingerprint,
             "last_check_step": trainer.global_step,
@@ -295,13 +312,22 @@ class UpdateSparsityMonitor(Callback):
                 f"UpdateSparsityMonitor settings changed on resume: the checkpoint has "
                 f"{state['settings']}, this run has {self._settings()}; the numbers would not continue"
             )
-        if state["world_size"] != trainer.world_size:
+        was_sharded = state.get("sharded", True)  # older states did not record it: assume shards, as they did
+        if was_sharded and state["world_size"] != trainer.world_size:
             raise ValueError(
                 f"UpdateSparsityMonitor cannot resume on {trainer.world_size} processes: its reference "
                 f"snapshots are per-rank shards of a {state['world_size']}-process run"
             )
+        if "sharded" in state and was_sharded != (self._checker.group is not None):
+            kinds = ("unsharded (one device or DDP)", "sharded (FSDP or FSDP2)")
+            raise ValueError(
+                f"UpdateSparsityMonitor cannot resume a {kinds[was_sharded]} run {kinds[not was_sharded]}: its "
+                f"reference snapshots are in the other layout; resume with the same kind of strategy"
+            )
         kept = ("version", "settings", "history", "layer_history", "nan_reported")
         self._run = {k: v for k, v in state.items() if k not in kept}
+        # Older states did not record it; their snapshots (loaded below) load only into the layout they came from.
+        self._run.setdefault("sharded", self._checker.group is not None)
         self.history = [(step, metrics) for step, metrics in state["history"]]
         self._layer_history = state["layer_history"]
         self._nan_reported = set(state["nan_reported"])

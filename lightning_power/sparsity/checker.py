@@ -228,12 +228,14 @@ class UpdateChecker:
         ]
         if problems:
             raise ValueError("the reference checkpoint does not match the model:\n  " + "\n  ".join(problems))
-        local = []
-        for part in self.parts:
-            mine = part.local()
-            whole = tensors[part.name].reshape(-1)[part.start : part.start + mine.numel()]
-            local.append(whole.to(device=mine.device, dtype=mine.dtype))
-        self.reference.capture(local)
+
+        def local_parts() -> Iterator[torch.Tensor]:  # one converted parameter at a time: no second copy of the model
+            for part in self.parts:
+                mine = part.local()
+                whole = tensors[part.name].reshape(-1)[part.start : part.start + mine.numel()]
+                yield whole.to(device=mine.device, dtype=mine.dtype)
+
+        self.reference.capture(local_parts())
 
     def _group_of(self, index: int) -> int:
         return next(i for i, g in enumerate(self.layout.groups) if index in g.params)

@@ -77,7 +77,8 @@ def overlap(a: str | os.PathLike | MaskFile, b: str | os.PathLike | MaskFile) ->
     names = [p["name"] for p in a.parameters]
     numels = [math.prod(p["shape"]) for p in a.parameters]
     changed_a = [p["changed"] for p in a.parameters]
-    changed_b = [p["changed"] for p in b.parameters]
+    changed_in_b = {p["name"]: p["changed"] for p in b.parameters}  # B may list the parameters in another order
+    changed_b = [changed_in_b[name] for name in names]
     both = [popcount(a.packed(name), b.packed(name)) for name in names]
     layers = {}
     for layer, indices in group_by_layer(names).items():

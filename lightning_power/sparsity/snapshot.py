@@ -13,7 +13,7 @@ layout raises a ``ValueError`` that lists the differences.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,16 +105,25 @@ class Snapshot:
                 return buffer[offset : offset + self.layout.numels[index]]
         raise IndexError(index)
 
-    def capture(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Store the current bits of ``tensors`` (flat local parameters), a chunk at a time."""
-        for group, buffer in zip(self.layout.groups, self.buffers):
-            for index, offset in zip(group.params, group.offsets):
-                values = tensors[index]
-                for start in range(0, values.numel(), CHUNK_ELEMENTS):
-                    chunk = values[start : start + CHUNK_ELEMENTS]
-                    target = buffer[offset + start : offset + start + chunk.numel()]
-                    target.copy_(representation_bits(chunk, self.layout.compare_as), non_blocking=True)
-        _synchronize(self.device, *(t.device for t in tensors))
+    def capture(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Store the current bits of ``tensors`` (flat local parameters, in layout order), a chunk at a time.
+
+        ``tensors`` may be a generator, so that a caller converting them holds one converted parameter at a time.
+        """
+        where = {
+            index: (buffer, offset)
+            for group, buffer in zip(self.layout.groups, self.buffers)
+            for index, offset in zip(group.params, group.offsets)
+        }
+        devices = {self.device}
+        for index, values in enumerate(tensors):
+            buffer, offset = where[index]
+            for start in range(0, values.numel(), CHUNK_ELEMENTS):
+                chunk = values[start : start + CHUNK_ELEMENTS]
+                target = buffer[offset + start : offset + start + chunk.numel()]
+                target.copy_(representation_bits(chunk, self.layout.compare_as), non_blocking=True)
+            devices.add(values.device)
+        _synchronize(*devices)
 
     def save(self, path: str | os.PathLike, identity: dict[str, Any]) -> None:
         """Write this snapshot atomically, with ``identity`` (run id, rank, step ...) and the layout."""
