@@ -18,12 +18,14 @@ add DDP, FSDP1 and FSDP2 on two. Run it from the repository root (it uses the te
     python benchmarks/gpu_check.py                       # CUDA, bf16-mixed; writes benchmarks/results/gpu_check.json
     python benchmarks/gpu_check.py --accelerator cpu --precision 32-true --steps 4 --width 64   # a CPU smoke run
 
-It prints a table, writes JSON, and exits 1 if any check fails.
+It prints a table, writes JSON (rewritten after every run; a SIGTERM leaves the finished runs with
+``"complete": false``), and exits 1 if any check fails or the check was stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import time
@@ -33,7 +35,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-from common import RESULTS, environment, machine_label, write_json  # noqa: E402
+from common import RESULTS, Interrupted, environment, machine_label, write_json  # noqa: E402
 
 from tests.helpers.callbacks import read_records  # noqa: E402
 from tests.helpers.recipe import fit_in, fit_until_killed, recipe_args, sparsity_history, train_losses  # noqa: E402
@@ -80,33 +82,55 @@ def main(argv: list[str] | None = None) -> int:
     if devices >= 2 and args.global_batch % 2 == 0:
         runs += [("ddp x2", "ddp", 2), ("fsdp x2", "fsdp", 2), ("fsdp2 x2", "fsdp2", 2)]
     results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="gpu_check-") as work:
-        folders = {}
-        for name, strategy, n_devices in runs:
-            started = time.perf_counter()
-            folders[name] = fit_in(Path(work) / name.replace(" ", "-"), recipe(strategy, n_devices), timeout=1200)
-            seconds = time.perf_counter() - started
-            comparison = {} if name == "single" else compare(folders["single"], folders[name], args)
-            results.append({"run": name, "seconds": round(seconds, 1), **comparison})
-            print(f"{name}: {seconds:.0f} s {comparison}", flush=True)
 
-        resumed = Path(work) / "killed-and-resumed"
-        kill = ["--trainer.callbacks+=tests.helpers.callbacks.KillAtStep", f"--trainer.callbacks.step={args.steps - 1}"]
-        fit_until_killed(resumed, recipe(None, extra=kill))
-        fit_in(resumed, recipe(None, extra=["--ckpt_path=ckpt/last.ckpt"]), timeout=1200)
-        results.append({"run": "single, SIGKILL + resume", **compare(folders["single"], resumed, args, resumed=True)})
+    def write_report(complete: bool) -> dict[str, Any]:
+        """The JSON so far, rewritten after every run: a time limit still leaves the finished comparisons."""
+        report = {
+            "machine": machine_label(environment(args.accelerator)),
+            "environment": environment(args.accelerator),
+            "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+            "runs": results,
+            "complete": complete,
+            "passed": complete and all(result.get("passed", True) for result in results),
+        }
+        write_json(args.out, report)
+        return report
 
-    passed = all(result.get("passed", True) for result in results)
-    report = {
-        "machine": machine_label(environment(args.accelerator)),
-        "environment": environment(args.accelerator),
-        "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
-        "runs": results,
-        "passed": passed,
-    }
-    write_json(args.out, report)
+    def stop(signum: int, frame: Any) -> None:  # subprocess.run kills the running job when this raises
+        raise Interrupted(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    complete = False
+    try:
+        with tempfile.TemporaryDirectory(prefix="gpu_check-") as work:
+            folders = {}
+            for name, strategy, n_devices in runs:
+                started = time.perf_counter()
+                folders[name] = fit_in(Path(work) / name.replace(" ", "-"), recipe(strategy, n_devices), timeout=1200)
+                seconds = time.perf_counter() - started
+                comparison = {} if name == "single" else compare(folders["single"], folders[name], args)
+                results.append({"run": name, "seconds": round(seconds, 1), **comparison})
+                print(f"{name}: {seconds:.0f} s {comparison}", flush=True)
+                write_report(complete=False)
+
+            resumed = Path(work) / "killed-and-resumed"
+            kill = [
+                "--trainer.callbacks+=tests.helpers.callbacks.KillAtStep",
+                f"--trainer.callbacks.step={args.steps - 1}",
+            ]
+            fit_until_killed(resumed, recipe(None, extra=kill))
+            fit_in(resumed, recipe(None, extra=["--ckpt_path=ckpt/last.ckpt"]), timeout=1200)
+            results.append(
+                {"run": "single, SIGKILL + resume", **compare(folders["single"], resumed, args, resumed=True)}
+            )
+        complete = True
+    except Interrupted:
+        print("stopped by SIGTERM: the JSON holds the runs finished so far (complete: false)", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    report = write_report(complete)
     print_table(report)
-    return 0 if passed else 1
+    return 0 if report["passed"] else 1
 
 
 def compare(reference: Path, run: Path, args: argparse.Namespace, resumed: bool = False) -> dict[str, Any]:
@@ -153,7 +177,7 @@ def print_table(report: dict[str, Any]) -> None:
             f"{row['run']:<26} {_yes(row['lrs_equal']):>5} {_yes(row['tokens_equal']):>6} "
             f"{row['max_loss_rel_diff']:>14.2e} {row['max_sparsity_abs_diff']:>14.2e} {_yes(row['passed']):>7}"
         )
-    print(f"all passed: {_yes(report['passed'])}")
+    print(f"all passed: {_yes(report['passed'])}" + ("" if report["complete"] else " (stopped before the end)"))
 
 
 def _yes(flag: bool) -> str:

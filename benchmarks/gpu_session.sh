@@ -14,14 +14,22 @@ out=${2:?usage: gpu_session.sh checks|papers|schedule OUT}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 
-# The three paper benchmarks continue a run cut short in an earlier slot: when
-# benchmarks/results/<name>_full.json holds an unfinished result ("complete": false), it is copied to OUT and the
-# script replays its finished runs (--resume) and trains the rest.
-continue_flag() {
-  local saved="benchmarks/results/$1_full.json"
-  if [ -f "$saved" ] && python -c "import json, sys; sys.exit(json.load(open(sys.argv[1]))['complete'])" "$saved"; then
-    cp "$saved" "$out/" && echo "--resume"
+# The three paper benchmarks pick up where an earlier slot stopped. benchmarks/results/<name>_full.json holding a
+# finished result ("complete": true) skips the script (delete the file to run it again); an unfinished one
+# ("complete": false) is copied to OUT and the script replays its finished runs (--resume) and trains the rest.
+paper_benchmark() {
+  local name=$1 limit=$2 lines=$3
+  shift 3
+  local saved="benchmarks/results/${name}_full.json" resume=()
+  if [ -f "$saved" ]; then
+    if python -c "import json, sys; sys.exit(not json.load(open(sys.argv[1]))['complete'])" "$saved"; then
+      echo "$name: $saved is complete, skipped (delete it to run again)" | tee "$out/$name.txt"
+      return
+    fi
+    cp "$saved" "$out/" && resume=(--resume)
   fi
+  timeout -s TERM "$limit" python "benchmarks/$name.py" --device cuda --out "$out" ${resume[@]+"${resume[@]}"} "$@" 2>&1 \
+    | tail -"$lines" | tee "$out/$name.txt"
 }
 # schedule_transfer.py takes the law from this session's calibration, else from the committed one.
 calibration="$out/calibrate_power_full.json"
@@ -35,12 +43,11 @@ case "$part" in
     timeout -s TERM 180 python benchmarks/gpu_check.py --out "$out/gpu_check.json" 2>&1 | tail -20 | tee "$out/gpu_check.txt"
     ;;
   papers)
-    timeout -s TERM 230 python benchmarks/mup_transfer.py --device cuda --out "$out" $(continue_flag mup_transfer) 2>&1 | tail -30 | tee "$out/mup_transfer.txt"
-    timeout -s TERM 340 python benchmarks/calibrate_power.py --device cuda --out "$out" $(continue_flag calibrate_power) 2>&1 | tail -40 | tee "$out/calibrate_power.txt"
+    paper_benchmark mup_transfer 230 30
+    paper_benchmark calibrate_power 340 40
     ;;
   schedule)
-    timeout -s TERM 300 python benchmarks/schedule_transfer.py --device cuda --out "$out" --calibration "$calibration" \
-      $(continue_flag schedule_transfer) 2>&1 | tail -30 | tee "$out/schedule_transfer.txt"
+    paper_benchmark schedule_transfer 300 30 --calibration "$calibration"
     ;;
   *)
     echo "unknown part '$part': use checks, papers or schedule" >&2

@@ -101,6 +101,11 @@ def power_settings(args: argparse.Namespace, out: Path, mode: str) -> dict[str, 
         calibration = json.loads(path.read_text())
         if not calibration.get("fit"):
             raise SystemExit(f"--calibration {path} holds no fit: {calibration.get('fit_error', 'no finished runs')}")
+        if calibration.get("complete") is False and not args.allow_partial_calibration:
+            raise SystemExit(
+                f"--calibration {path} is a sweep cut short (complete: false): its fit or Power amplitude may miss "
+                "runs. Finish it with calibrate_power.py --resume, or pass --allow-partial-calibration"
+            )
         fit = calibration["fit"]
         law = calibration.get("power") or {  # a calibration from before the amplitude search: the fit itself
             "a": fit["a"],
@@ -110,7 +115,9 @@ def power_settings(args: argparse.Namespace, out: Path, mode: str) -> dict[str, 
         }
         settings = {key: law[key] for key in ("a", "b", "batch_exponent", "lr_max")} | {
             "grid_a": fit["a"],
-            "source": str(path) + ("; a from its Power amplitude search" if law.get("amplitude_searched") else ""),
+            "source": str(path)
+            + ("; a from its Power amplitude search" if law.get("amplitude_searched") else "")
+            + ("; an unfinished calibration" if calibration.get("complete") is False else ""),
         }
     elif args.calibration:
         raise SystemExit(f"--calibration {path} does not exist")
@@ -269,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--b", type=float, help="Power exponent b < 0 (overrides the calibration)")
     parser.add_argument("--batch-exponent", type=float, help="Power batch exponent p (overrides the calibration)")
     parser.add_argument("--lr-max", type=float, help="Power LR cap (overrides the calibration)")
+    parser.add_argument(
+        "--allow-partial-calibration",
+        action="store_true",
+        help="accept a calibration that a time limit cut short (complete: false)",
+    )
     parser.add_argument("--width", type=int, help="model width")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="sequences per step: B and 4B")
     parser.add_argument("--token-budgets", type=int, nargs="+", help="training tokens: D and 4D")

@@ -29,6 +29,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI, ReduceLROnPlateau, instantiate_class
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from lightning_power.strategies import AtomicCheckpointIO
 
 # Commands that are not Trainer entry points: name -> "module:function" taking argv and returning an exit code.
 TOOLS: dict[str, str] = {
@@ -55,8 +58,9 @@ def configure_optimizers_from_config(
 class LightningPowerCLI(LightningCLI):
     """LightningCLI whose YAML optimizer is built lazily and whose YAML scheduler steps per optimizer step.
 
-    It also adds a ``LearningRateMonitor`` (per step) whenever the trainer has a logger, and lets a rerun overwrite
-    the saved ``config.yaml``.
+    It also adds a ``LearningRateMonitor`` (per step) whenever the trainer has a logger, writes checkpoint files
+    atomically on any filesystem (:class:`~lightning_power.strategies.AtomicCheckpointIO` in place of Lightning's
+    default ``TorchCheckpointIO``), and lets a rerun overwrite the saved ``config.yaml``.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -107,6 +111,8 @@ class LightningPowerCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a user's choice
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         has_monitor = any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks)
         if trainer.loggers and not has_monitor:
             trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))

@@ -4,7 +4,7 @@ partial file. Every file the package writes (snapshots, masks, tables, JSON, fig
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -17,9 +17,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     ``OSError`` naming ``path`` is raised, chained to the cause; an existing ``path`` is left as it was.
     """
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # Mode 0666 under the process umask, as open() gives; O_EXCL: never an existing file.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as error:
         raise OSError(f"cannot write {str(path)!r}: {error}") from error
     try:
@@ -27,7 +29,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
@@ -46,9 +47,3 @@ def write_atomically(path: str | os.PathLike, data: str | bytes) -> Path:
 def save_png(figure: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
     """Write a matplotlib figure as a PNG, atomically."""
     return atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

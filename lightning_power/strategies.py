@@ -2,8 +2,13 @@
 
 Lightning writes a sharded (distributed) checkpoint straight into its final folder, so a job killed during the save
 of ``last.ckpt`` leaves new shards beside old metadata: a checkpoint that may load and be wrong. These subclasses
-write into ``<path>.partial`` and swap it into place only once every rank has finished. A single-file checkpoint is
-already atomic in Lightning (written through an fsspec transaction, a temporary file then a rename).
+write into ``<path>.partial`` and swap it into place only once every rank has finished.
+
+A single-file checkpoint goes through Lightning's fsspec transaction: a temporary file in the system's temp folder,
+then ``shutil.move``. When that folder lies on another filesystem than the checkpoints (a local ``/tmp``, checkpoints
+on NFS or Lustre) the move is a copy, and a job killed during it leaves a truncated ``last.ckpt`` where the old one
+was. :class:`AtomicCheckpointIO` writes the temporary file beside the checkpoint and renames it; the
+``lightning-power`` CLI installs it in place of Lightning's default ``TorchCheckpointIO``.
 
 ``FSDPStrategy`` here also runs on CPU (gloo), which Lightning 2.6 refuses (it passes ``device_id=None`` to FSDP).
 
@@ -22,13 +27,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import strategies
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
 from torch import nn
+from typing_extensions import override
+
+from lightning_power.files import atomic_write
 
 # The first torch releases whose CPU (gloo) sharding is right; the strategies refuse older ones on CPU.
 CPU_FSDP2_TORCH = (2, 9)  # FSDP2 over gloo averages the processes' gradients (2.7 and 2.8 sum them)
 CPU_FSDP1_FULL_CHECKPOINT_TORCH = (2, 14)  # FSDP1 on CPU saves a full state dict without a segfault
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` whose local checkpoint files are written atomically, on any filesystem.
+
+    The checkpoint is written to a temporary file in its own folder, synced, then renamed over the old one, so a job
+    killed at any moment leaves the complete old checkpoint or the complete new one. Remote paths (``s3://`` ...) and
+    ``storage_options`` go to ``TorchCheckpointIO`` unchanged. Outside the CLI:
+    ``pl.Trainer(plugins=[AtomicCheckpointIO()])``.
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_write(path, lambda file: torch.save(checkpoint, file))
 
 
 class _AtomicShardedSave:
@@ -70,10 +97,10 @@ def replace_path(new: Path, target: Path) -> None:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
+    if path.is_symlink() or path.is_file():  # a link (ModelCheckpoint(save_last="link")) goes, not its target
         path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 class ModelParallelStrategy(_AtomicShardedSave, strategies.ModelParallelStrategy):
@@ -109,18 +136,19 @@ class FSDPStrategy(_AtomicShardedSave, strategies.FSDPStrategy):
         return self._state_dict_type == "sharded"
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
-        if self.root_device.type != "cpu":
-            return super()._setup_model(model)
-        if self._state_dict_type == "full" and torch.__version__ < CPU_FSDP1_FULL_CHECKPOINT_TORCH:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        on_cpu = self.root_device.type == "cpu"
+        if on_cpu and self._state_dict_type == "full" and torch.__version__ < CPU_FSDP1_FULL_CHECKPOINT_TORCH:
             # Lightning saves full state dicts with offload_to_cpu=True. Before torch 2.14, FSDP's offload frees the
             # unsharded parameters while it copies them when they already live on the CPU: a segfault, not an error.
             raise ValueError(
                 f"FSDPStrategy on CPU with state_dict_type='full' needs torch >= 2.14 (this is {torch.__version__}): "
                 "older torch crashes while saving the checkpoint. Pass state_dict_type='sharded', or upgrade torch."
             )
+        if not on_cpu or any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+            return super()._setup_model(model)  # a model wrapped in configure_model is not wrapped again
         # Lightning passes device_id=root_device.index, which is None on CPU, and torch's FSDP then refuses to run.
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
         wrapped = FullyShardedDataParallel(
             module=model,
             cpu_offload=self.cpu_offload,

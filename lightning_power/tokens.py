@@ -39,6 +39,11 @@ def count_tokens(batch: Any, *, mask_key: str = "attention_mask", tokens_key: st
     elif isinstance(batch, Mapping):
         if mask_key in batch:
             mask = batch[mask_key]
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(
+                    f"batch[{mask_key!r}] is a {type(mask).__name__}, not a tensor: cannot count tokens from it; "
+                    "pass TokenCounter(count_fn=...) or mask_key=<the key of a (batch, sequence) padding mask>"
+                )
             if mask.dim() > 2:  # e.g. a (batch, 1, query, key) attention mask of a packing collator
                 raise ValueError(
                     f"batch[{mask_key!r}] has shape {tuple(mask.shape)}: counting tokens needs a (batch, sequence) "

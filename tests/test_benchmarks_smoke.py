@@ -295,6 +295,14 @@ def test_schedule_transfer_takes_the_fit_itself_from_a_calibration_without_a_pow
     settings = schedule_transfer.power_settings(argparse.Namespace(calibration=None, **flags), tmp_path, "quick")
     assert settings["a"] == 4.0 and settings["lr_max"] == 0.01 and "grid_a" not in settings
     assert settings["source"] == "paper defaults (arXiv 2408.13359, section 4); lr_max from the command line"
+    # a calibration a time limit cut short is refused unless asked for
+    calibration.write_text(json.dumps({"fit": {"a": 9.0, "b": -0.5}, "lr_max": 0.05, "complete": False}))
+    flags["lr_max"] = None
+    partial = argparse.Namespace(calibration=str(calibration), allow_partial_calibration=False, **flags)
+    with pytest.raises(SystemExit, match="cut short.*--allow-partial-calibration"):
+        schedule_transfer.power_settings(partial, tmp_path, "quick")
+    partial.allow_partial_calibration = True
+    assert schedule_transfer.power_settings(partial, tmp_path, "quick")["source"].endswith("an unfinished calibration")
 
 
 def test_power_amplitude_search_trains_each_multiplier_and_resumes(bench, tmp_path):
@@ -416,9 +424,42 @@ def test_gpu_check_runs_on_cpu_and_reports_every_comparison(tmp_path):
     report = load(out)
     compared = [row["run"] for row in report["runs"] if "passed" in row]
     assert compared == ["fsdp x1", "fsdp2 x1", "single, SIGKILL + resume"] and report["passed"] is True
+    assert report["complete"] is True
     for row in report["runs"][1:]:
         assert row["lrs_equal"] and row["tokens_equal"] and row["max_loss_rel_diff"] < 1e-5
     assert "all passed: yes" in result.stdout
+
+
+@pytest.mark.distributed
+def test_gpu_check_stopped_by_sigterm_keeps_the_finished_runs(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers.jobs import job_env
+
+    out = tmp_path / "gpu_check.json"
+    smoke = ["--accelerator", "cpu", "--precision", "32-true", "--steps", "4", "--width", "64", "--depth", "1"]
+    smoke += ["--context", "16", "--global-batch", "8", "--out", str(out)]
+    process = subprocess.Popen(
+        [sys.executable, str(BENCHMARKS / "gpu_check.py"), *smoke],
+        cwd=tmp_path,
+        env=job_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not out.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # the JSON appears once the first run ("single") has finished
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1, output[-3000:]
+    report = load(out)
+    assert report["complete"] is False and report["passed"] is False
+    assert report["runs"][0]["run"] == "single" and "stopped by SIGTERM" in output
 
 
 def test_cells_no_run_could_train_fail_before_any_run(bench, tmp_path):

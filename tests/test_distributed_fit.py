@@ -2,8 +2,13 @@
 
 import os
 
+import lightning.pytorch as pl
 import pytest
+import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
+from torch import nn
 
+from lightning_power.strategies import FSDPStrategy, replace_path
 from tests.helpers.jobs import CONFIGS, read_metrics, run_cli
 from tests.helpers.tiny import tiny_cli_args
 from tests.helpers.versions import cpu_fsdp2
@@ -30,32 +35,66 @@ def test_two_process_fit_trains(strategy, tmp_path):
     assert metrics["val/bpb"][-1][1] < 8.0
 
 
-def test_fsdp1_on_cpu_refuses_full_checkpoints_before_torch_2_14(monkeypatch, tmp_path):
+@pytest.fixture
+def in_process_group():
+    """A 1-process fit under FSDP sets up a process group and rendezvous variables (MASTER_PORT ...): remove them."""
+    environment = set(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for variable in set(os.environ) - environment:
+        del os.environ[variable]
+
+
+def test_fsdp1_on_cpu_refuses_full_checkpoints_before_torch_2_14(monkeypatch, tmp_path, in_process_group):
     """torch < 2.14 segfaults saving FSDP1's full state dict on CPU; the strategy says so before training starts."""
-    import lightning.pytorch as pl
-    import torch
-    from lightning.pytorch.demos.boring_classes import BoringModel
     from torch.torch_version import TorchVersion
 
-    from lightning_power.strategies import FSDPStrategy
-
     monkeypatch.setattr(torch, "__version__", TorchVersion("2.13.0+cpu"))
-    environment = set(os.environ)
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=FSDPStrategy(), max_steps=1, logger=False)
-    try:
-        with pytest.raises(ValueError, match=r"state_dict_type='full' needs torch >= 2.14 \(this is 2.13.0\+cpu\)"):
-            trainer.fit(BoringModel())
-    finally:  # the process group and the rendezvous variables (MASTER_PORT ...) Lightning set up: leave none behind
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        for variable in set(os.environ) - environment:
-            del os.environ[variable]
+    with pytest.raises(ValueError, match=r"state_dict_type='full' needs torch >= 2.14 \(this is 2.13.0\+cpu\)"):
+        trainer.fit(BoringModel())
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_fsdp1_on_cpu_leaves_a_model_wrapped_in_configure_model_as_it_is(in_process_group):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    class WrapsItself(BoringModel):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 2))
+
+        def configure_model(self):
+            self.layer[0] = FullyShardedDataParallel(self.layer[0], device_id=torch.device("cpu"), use_orig_params=True)
+
+    strategy = FSDPStrategy(auto_wrap_policy={nn.Linear}, use_orig_params=True, state_dict_type="sharded")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=2, logger=False)
+    model = WrapsItself()
+    with pytest.warns(UserWarning, match="already wrapped. The policy will be ignored"):
+        trainer.fit(model)
+    assert trainer.global_step == 2 and trainer.strategy.model is model  # the root is not wrapped again
+    assert isinstance(model.layer[0], FullyShardedDataParallel)
+    assert not isinstance(model.layer[1], FullyShardedDataParallel)  # the auto_wrap_policy {nn.Linear} was dropped
+
+
+def test_a_sharded_save_replaces_a_last_ckpt_symlink_not_its_target(tmp_path):
+    """ModelCheckpoint(save_last="link") makes last.ckpt a link to a checkpoint folder; the swap replaces the link."""
+    target = tmp_path / "epoch=0-step=2.ckpt"
+    target.mkdir()
+    (target / "meta.pt").write_bytes(b"step 2")
+    (tmp_path / "last.ckpt").symlink_to(target.name)
+    staging = tmp_path / "last.ckpt.partial"
+    staging.mkdir()
+    (staging / "meta.pt").write_bytes(b"step 3")
+    replace_path(staging, tmp_path / "last.ckpt")
+    assert not (tmp_path / "last.ckpt").is_symlink() and (tmp_path / "last.ckpt" / "meta.pt").read_bytes() == b"step 3"
+    assert (target / "meta.pt").read_bytes() == b"step 2"  # the linked checkpoint is kept
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
 
 
 def test_fsdp2_over_cpu_processes_is_refused_before_torch_2_9(monkeypatch):
     """torch < 2.9 sums FSDP2's gradients over gloo instead of averaging them; the strategy refuses such a run."""
-    import torch
     from torch.torch_version import TorchVersion
 
     from lightning_power.strategies import ModelParallelStrategy

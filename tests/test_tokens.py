@@ -38,6 +38,8 @@ def test_a_four_dimensional_attention_mask_is_refused_not_summed():
     causal = torch.ones(2, 1, 4, 4).tril()  # a packing collator's (batch, 1, query, key) mask: sums to 20, not 8
     with pytest.raises(ValueError, match=r"attention_mask.*\(2, 1, 4, 4\).*count_fn"):
         count_tokens({"input_ids": torch.zeros(2, 4), "attention_mask": causal})
+    with pytest.raises(TypeError, match=r"attention_mask.*NoneType.*count_fn"):
+        count_tokens({"input_ids": torch.zeros(2, 4), "attention_mask": None})
 
 
 def test_count_fn_must_be_callable():

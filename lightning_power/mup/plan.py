@@ -509,6 +509,12 @@ def detect_optimizer_family(optimizer: torch.optim.Optimizer | type[torch.optim.
         return "adam"
     if issubclass(cls, _SGD_LIKE):
         return "sgd"
+    adafactor = getattr(torch.optim, "Adafactor", None)
+    if adafactor is not None and issubclass(cls, adafactor):
+        raise TypeError(
+            f"{cls.__qualname__} scales each update by RMS(param), so neither muP family's LR rule fits it: 'adam' "
+            "would shrink hidden-layer updates like m^-3/2 instead of 1/m. Use an Adam-like or SGD-like optimizer"
+        )
     raise TypeError(
         f"cannot tell whether {cls.__qualname__} is Adam-like or SGD-like for muP; pass "
         "optimizer_family='adam' (entrywise-normalised updates) or 'sgd' (updates proportional to the gradient)"

@@ -81,7 +81,9 @@ class UpdateSparsityMonitor(Callback):
         >>> from lightning_power.demo import GPT, ByteCorpus
         >>> from lightning_power.sparsity import UpdateSparsityMonitor
         >>> monitor = UpdateSparsityMonitor(every_n_steps=2, compare_as="bfloat16")
+        >>> import tempfile
         >>> trainer = pl.Trainer(max_steps=4, callbacks=[monitor], accelerator="cpu", logger=False,
+        ...                      default_root_dir=tempfile.mkdtemp(),  # the heatmap goes to <dir>/update_sparsity
         ...                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
         >>> trainer.fit(GPT(width=32, depth=1, context_length=16),
         ...             ByteCorpus(context_length=16, batch_size=4, max_bytes=20_000, max_val_bytes=2_000))
