@@ -32,6 +32,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import strategies
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -76,6 +77,18 @@ class _AtomicShardedSave:
         self.barrier("lightning_power.checkpoint.staged")
         self._swap_into_place(staging, path)
 
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Load ``checkpoint_path``, or its ``<path>.old`` when a kill between a swap's two renames left only that."""
+        path = Path(checkpoint_path)
+        aside = path.with_name(path.name + ".old")
+        if not path.exists() and aside.exists():
+            rank_zero_warn(
+                f"{str(path)!r} is missing: a save was stopped while swapping in its new version. Resuming from the "
+                f"previous checkpoint {str(aside)!r}"
+            )
+            checkpoint_path = aside
+        return super().load_checkpoint(checkpoint_path, *args, **kwargs)
+
     def _swap_into_place(self, staging: Path, path: Path) -> None:
         """Every rank has written its shards to ``staging``; make it the checkpoint at ``path``."""
         if self.global_rank == 0:
@@ -84,13 +97,16 @@ class _AtomicShardedSave:
 
 
 def replace_path(new: Path, target: Path) -> None:
-    """Put ``new`` (a file or folder) at ``target``; the old ``target`` is moved aside first and removed last.
+    """Put ``new`` (a file or folder) at ``target``; the old ``target`` is moved aside to ``<target>.old`` first and
+    removed last.
 
-    At every instant ``target`` is either the complete old checkpoint, absent, or the complete new one.
+    At every instant ``target`` holds the complete old or the complete new checkpoint, or, between the two renames,
+    ``<target>.old`` holds the old one (``load_checkpoint`` falls back to it). A ``<target>.old`` left by a kill in
+    that window, with no ``target``, is kept until ``new`` is in place.
     """
     old = target.with_name(target.name + ".old")
-    _remove(old)
-    if target.exists():
+    if target.exists() or target.is_symlink():
+        _remove(old)
         target.rename(old)
     new.rename(target)
     _remove(old)

@@ -78,6 +78,37 @@ def test_fsdp1_on_cpu_leaves_a_model_wrapped_in_configure_model_as_it_is(in_proc
     assert not isinstance(model.layer[1], FullyShardedDataParallel)  # the auto_wrap_policy {nn.Linear} was dropped
 
 
+class AdamBoringModel(BoringModel):
+    def configure_optimizers(self):  # FSDP cannot reload the empty state of plain SGD
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def test_a_resume_falls_back_to_the_checkpoint_a_stopped_swap_left_aside(tmp_path, in_process_group):
+    def trainer(max_steps):
+        return pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            strategy=FSDPStrategy(state_dict_type="sharded"),
+            max_steps=max_steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+
+    first = trainer(2)
+    first.fit(AdamBoringModel())
+    first.save_checkpoint(tmp_path / "last.ckpt")
+    (tmp_path / "last.ckpt").rename(tmp_path / "last.ckpt.old")  # a kill between the swap's two renames
+    resumed = trainer(4)
+    with pytest.warns(UserWarning, match="last.ckpt' is missing: a save was stopped"):
+        resumed.fit(AdamBoringModel(), ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.global_step == 4  # continued from step 2
+    resumed.save_checkpoint(tmp_path / "last.ckpt")  # swaps in the new one, and only then drops the old one
+    assert sorted(path.name for path in tmp_path.iterdir() if "ckpt" in path.name) == ["last.ckpt"]
+
+
 def test_a_sharded_save_replaces_a_last_ckpt_symlink_not_its_target(tmp_path):
     """ModelCheckpoint(save_last="link") makes last.ckpt a link to a checkpoint folder; the swap replaces the link."""
     target = tmp_path / "epoch=0-step=2.ckpt"

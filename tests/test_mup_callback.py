@@ -386,3 +386,23 @@ def test_two_process_fsdp_and_fsdp2_give_the_same_mup_run(tmp_path: Path) -> Non
         torch.testing.assert_close(runs["fsdp2"][step]["loss"], record["loss"], rtol=1e-5, atol=0)
         assert runs["fsdp2"][step]["lrs"] == record["lrs"]
         assert [lr / record["lrs"][0] for lr in record["lrs"]] == [1.0, 0.5]  # hidden matrices: 32 / 64
+
+
+def test_lightning_lr_finder_is_refused_above_the_base_width_and_runs_at_it() -> None:
+    """The LR finder sets every param group to one LR: muP's ratios would be gone from the search."""
+    from lightning.pytorch.tuner import Tuner
+
+    def lr_find(model: GPT, callback: MuP):
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            callbacks=[callback],
+        )
+        return Tuner(trainer).lr_find(model, train_dataloaders=one_batch(), num_training=4, early_stop_threshold=None)
+
+    with pytest.raises(ValueError, match=r"LR finder .* one LR, .* width multiplier 4\."):
+        lr_find(make_gpt(), mup_callback())
+    assert lr_find(make_gpt(width=BASE), mup_callback()).results["lr"]  # every ratio is 1 at the base width

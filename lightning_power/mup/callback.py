@@ -12,7 +12,7 @@ from typing import Any, get_args
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, LearningRateFinder
 from torch import nn
 from typing_extensions import override
 
@@ -148,6 +148,13 @@ class MuP(Callback):
         self._restored_plan = None
         self.plan = self._compute_plan(pl_module)
         if stage == "fit":
+            finder = any(isinstance(cb, LearningRateFinder) for cb in trainer.callbacks)
+            if finder and self.plan.max_width_mult != 1.0:
+                raise ValueError(
+                    "Lightning's LR finder (Tuner.lr_find, LearningRateFinder) sets every param group to one LR, so "
+                    f"it would search without muP's per-group ratios at width multiplier {self.plan.max_width_mult:g}. "
+                    "Find the LR at the base width, where every ratio is 1, and transfer it: that is what muP is for"
+                )
             if self.model_init is not None:
                 if any(p.is_meta for p in pl_module.parameters()):
                     raise ValueError(
