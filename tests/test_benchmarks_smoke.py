@@ -402,18 +402,24 @@ def test_mup_transfer_analysis_finds_the_drift_of_synthetic_optima(bench):
     assert quality["met"]
 
 
+def gpu_check_smoke_command(out: Path) -> list[str]:
+    """``gpu_check.py`` as a CPU smoke run: 4 steps of a tiny model, fp32."""
+    import sys
+
+    smoke = ["--accelerator", "cpu", "--precision", "32-true", "--steps", "4", "--width", "64", "--depth", "1"]
+    smoke += ["--context", "16", "--global-batch", "8", "--out", str(out)]
+    return [sys.executable, str(BENCHMARKS / "gpu_check.py"), *smoke]
+
+
 @pytest.mark.distributed
 def test_gpu_check_runs_on_cpu_and_reports_every_comparison(tmp_path):
     import subprocess
-    import sys
 
     from tests.helpers.jobs import job_env
 
     out = tmp_path / "gpu_check.json"
-    smoke = ["--accelerator", "cpu", "--precision", "32-true", "--steps", "4", "--width", "64", "--depth", "1"]
-    smoke += ["--context", "16", "--global-batch", "8", "--out", str(out)]
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "gpu_check.py"), *smoke],
+        gpu_check_smoke_command(out),
         cwd=tmp_path,
         env=job_env(),
         capture_output=True,
@@ -434,16 +440,13 @@ def test_gpu_check_runs_on_cpu_and_reports_every_comparison(tmp_path):
 def test_gpu_check_stopped_by_sigterm_keeps_the_finished_runs(tmp_path):
     import signal
     import subprocess
-    import sys
     import time
 
     from tests.helpers.jobs import job_env
 
     out = tmp_path / "gpu_check.json"
-    smoke = ["--accelerator", "cpu", "--precision", "32-true", "--steps", "4", "--width", "64", "--depth", "1"]
-    smoke += ["--context", "16", "--global-batch", "8", "--out", str(out)]
     process = subprocess.Popen(
-        [sys.executable, str(BENCHMARKS / "gpu_check.py"), *smoke],
+        gpu_check_smoke_command(out),
         cwd=tmp_path,
         env=job_env(),
         stdout=subprocess.PIPE,
