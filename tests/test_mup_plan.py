@@ -254,6 +254,12 @@ class Tied(nn.Module):
         return self.head(torch.relu(self.fc(self.embed(ids))))
 
 
+def test_a_readout_called_by_keyword_gets_a_clear_error(model: Net, plan: MuPPlan) -> None:
+    plan.attach_readouts(model)
+    with pytest.raises(TypeError, match=r"call it as head\(x\), not head\(input=x\)"):
+        model.head(input=torch.randn(2, MODEL[0]))
+
+
 def test_tied_readout_keeps_its_init_and_refuses_torch_default() -> None:
     torch.manual_seed(0)
     model = Tied(32)
@@ -372,6 +378,19 @@ def test_param_groups_are_not_scaled_twice(model: Net, plan: MuPPlan) -> None:
     lrs = [g["lr"] for g in optimizer.param_groups]
     assert not plan.regroup(optimizer, model)
     assert [g["lr"] for g in optimizer.param_groups] == lrs
+
+
+def test_adagrad_state_from_construction_is_no_step_but_a_step_is(model: Net, plan: MuPPlan) -> None:
+    """Adagrad fills its state when built; regrouping must still work then, and must refuse after a step."""
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.01)
+    assert optimizer.state  # step 0 and the accumulator, before any step
+    assert plan.regroup(optimizer, model)
+    assert per_param(optimizer, model) == per_param(torch.optim.Adagrad(plan.param_groups(model, lr=0.01)), model)
+    stepped = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randint(0, 11, (2, 3)), torch.randn(2, 3, 5)).sum().backward()
+    stepped.step()  # SGD's momentum buffer has no step count
+    with pytest.raises(RuntimeError, match="before its first step"):
+        plan.regroup(stepped, model)
 
 
 def test_param_groups_of_another_family_are_refused(model: Net, plan: MuPPlan) -> None:

@@ -360,8 +360,8 @@ class MuPPlan:
             _refuse_absolute_lr_floor(scheduler, optimizer)
         if all("mup_lr_factor" in group for group in optimizer.param_groups):
             return False
-        if optimizer.state:
-            raise RuntimeError("muP must regroup an optimizer before its first step; this one already has state")
+        if _has_stepped(optimizer):
+            raise RuntimeError("muP must regroup an optimizer before its first step; this one has taken steps")
         names = _names_by_id(model)
         new_groups, origin = [], []
         for index, group in enumerate(optimizer.param_groups):
@@ -406,8 +406,10 @@ class MuPPlan:
         ``"fixed_std"``: the module draws with width-independent stds (``normal_(std=0.02)``, GPT-2, the demo GPT);
         hidden weights get ``1/sqrt(m_in)``, as ``mup.init.normal_``. ``"torch_default"``: PyTorch's
         ``reset_parameters`` (std ~ ``1/sqrt(fan_in)``) already suits hidden weights, but readout weights and the
-        biases of matrix layers get ``sqrt(m_in)``, as ``mup.set_base_shapes(rescale_params=True)``
-        (:meth:`apply_init` refuses it for a readout tied to another parameter).
+        biases of matrix layers get ``sqrt(m_in)``, as ``mup.set_base_shapes(rescale_params=True)`` does for
+        ``nn.Linear`` and convolutions. The rule goes by shape, so it also covers other modules whose default bias
+        shrinks with fan-in (``nn.Bilinear``), which ``mup`` leaves out; a custom module that draws its bias at a fixed
+        std wants ``"fixed_std"`` (:meth:`apply_init` refuses ``"torch_default"`` for a tied readout).
         """
         spec = self.spec_for(name)
         if model_init == "fixed_std":
@@ -525,6 +527,12 @@ def _check_family(family: str) -> OptimizerFamily:
     if family not in get_args(OptimizerFamily):
         raise ValueError(f"optimizer family must be one of {get_args(OptimizerFamily)}, got {family!r}")
     return family  # type: ignore[return-value]
+
+
+def _has_stepped(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` has state from a step. Adagrad fills its state at construction (``step`` 0, ``sum``); a
+    state without ``step`` (SGD's momentum buffer) comes from a step."""
+    return any(float(state.get("step", 1)) != 0 for state in optimizer.state.values())
 
 
 def _refuse_absolute_lr_floor(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:

@@ -36,6 +36,11 @@ class ReadoutMultiplier:
         self.width_mult = float(width_mult)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        if not args:
+            raise TypeError(
+                f"the muP readout {type(module).__name__} was called without a positional input; its multiplier "
+                "divides the first positional argument, so call it as head(x), not head(input=x)"
+            )
         return (args[0] / self.width_mult, *args[1:])
 
     def __repr__(self) -> str:
