@@ -168,15 +168,23 @@ class TokenCounter(Callback):
     ) -> None:
         if self._local_batches == 0:  # a second optimizer stepping on the same batch: its tokens are counted
             return
-        self.step_tokens = _global_sum(self._local_tokens, trainer)
+        step_tokens = _global_sum(self._local_tokens, trainer)
+        if step_tokens <= 0:
+            raise ValueError(
+                f"TokenCounter counted {step_tokens} tokens in an optimizer step over all ranks (is every sequence "
+                "padding?); a token schedule cannot advance by 0 tokens. Drop empty batches, or pass count_fn"
+            )
+        self.step_tokens = step_tokens
         self.tokens_seen += self.step_tokens
         self._local_tokens, self._local_batches = 0, 0
         for scheduler in self._schedulers:
             scheduler.set_step_tokens(self.step_tokens)
-        if (trainer.global_step + 1) % trainer.log_every_n_steps == 0:
+        # When and at which step Lightning itself logs (and LearningRateMonitor): once per batch that steps, also
+        # when several optimizers each add one to global_step.
+        if trainer._logger_connector.should_update_logs:
             metrics = {"tokens/seen": self.tokens_seen, "tokens/step": self.step_tokens}
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
 
     @override
     def state_dict(self) -> dict[str, int]:

@@ -83,6 +83,43 @@ def test_power_follows_a_batch_ramp_across_gradient_accumulation(tmp_path):
     assert metrics["tokens/step"] == list(enumerate(step_tokens))
 
 
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization with two optimizers: each ``step()`` adds one to ``trainer.global_step``."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.a, self.b = torch.nn.Embedding(256, 4), torch.nn.Linear(4, 256)
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = batch
+        loss = torch.nn.functional.cross_entropy(self.b(self.a(inputs)).flatten(0, 1), targets.flatten())
+        self.manual_backward(loss)
+        for optimizer in self.optimizers():
+            optimizer.step()
+            optimizer.zero_grad()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.a.parameters(), lr=0.1), torch.optim.SGD(self.b.parameters(), lr=0.1)
+
+
+def test_tokens_are_logged_every_n_batches_also_when_two_optimizers_step_each_batch(tmp_path):
+    sizes = [2, 3, 4, 5, 6, 7]
+    fit_trainer = trainer(2 * len(sizes), callbacks=[TokenCounter()], logger=CSVLogger(tmp_path), log_every_n_steps=2)
+    fit_trainer.fit(TwoOptimizers(), ramp_batches(sizes))
+    assert fit_trainer.global_step == 2 * len(sizes)
+    seen = list(itertools.accumulate(size * CONTEXT for size in sizes))
+    metrics = read_metrics(tmp_path / "lightning_logs" / "version_0" / "metrics.csv")
+    assert metrics["tokens/seen"] == [(1, seen[1]), (3, seen[3]), (5, seen[5])]  # every 2nd batch, as Lightning logs
+
+
+def test_a_step_without_tokens_names_the_cause():
+    empty = {"input_ids": torch.zeros(2, CONTEXT + 1, dtype=torch.long), "attention_mask": torch.zeros(2, CONTEXT + 1)}
+    model = MaskedGPT(lambda opt: WSDScheduler(opt, warmup=100, total=1000, decay=0, units="tokens"))
+    with pytest.raises(ValueError, match="counted 0 tokens in an optimizer step .* every sequence padding"):
+        trainer(1, callbacks=[TokenCounter()]).fit(model, DataLoader([empty], batch_size=None))
+
+
 class MaskedGPT(ScheduledGPT):
     """Trains on ``{"input_ids", "attention_mask"}`` batches (the mask only matters to the counter here)."""
 
