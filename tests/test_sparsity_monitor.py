@@ -271,6 +271,22 @@ def test_parameters_that_are_not_floating_point_are_left_out_with_a_warning(tmp_
     assert "qweight" not in [p["name"] for p in masks.parameters]
 
 
+class WithEmptyHalfPrecision(SlidingColumns):
+    """SlidingColumns plus a float16 parameter with no elements: a dtype of which this process holds nothing, as a
+    rank with an empty FSDP2 shard does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.empty = nn.Parameter(torch.zeros(0, 4, dtype=torch.float16))
+
+
+def test_a_dtype_with_no_local_elements_counts_nothing(tmp_path):
+    torch.manual_seed(0)
+    monitor = UpdateSparsityMonitor(every_n_steps=2)
+    fit(WithEmptyHalfPrecision(), monitor, tmp_path, max_steps=4)
+    assert_history(monitor.history, expected_history([2, 4]))  # the same numbers as without the empty parameter
+
+
 class TwoOptimizers(pl.LightningModule):
     """Manual optimization with two optimizers: each batch makes two ``opt.step()``, so ``global_step`` moves by 2."""
 
@@ -488,6 +504,7 @@ def test_disk_full_while_writing_masks_is_a_clear_error_without_partial_files(tm
         ({"every_n_steps": 2.0}, "every_n_steps"),
         ({"atol": -1e-5}, r"atol must be a finite number >= 0 \(0 = bit-exact\), got -1e-05"),
         ({"atol": float("nan")}, "atol"),
+        ({"atol": 1e-46}, r"atol=1e-46 rounds to 0 in float32"),
         ({"compare_as": "float16"}, r"compare_as must be one of \(None, 'bfloat16'\), got 'float16'"),
         ({"compare_as": "bf16"}, "compare_as"),
         ({"rank_every_n_checks": -1}, "rank_every_n_checks must be an integer >= 0"),

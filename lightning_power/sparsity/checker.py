@@ -166,7 +166,7 @@ class UpdateChecker:
 
     def _plan_segments(self, chunk_bytes: int) -> Iterator[_Segment]:
         for index, group in enumerate(self.layout.groups):
-            window = group.numel
+            window = max(1, group.numel)  # a rank may hold no element of a dtype (an empty FSDP2 shard)
             if self.streamed:
                 window = max(1, chunk_bytes // group.snapshot_dtype.itemsize)
             for start in range(0, group.numel, window):
