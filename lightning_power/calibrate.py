@@ -52,6 +52,7 @@ from lightning_power.schedules import check_batch_exponent, check_positive, chec
 
 PAPER_A, PAPER_B = 4.6, -0.51  # the paper's own fit on RedPajama (arXiv 2408.13359, Eq. 5)
 MIN_CELLS = 3  # two parameters and at least one degree of freedom for the uncertainty
+RUN_COLUMNS = ("batch_tokens", "tokens", "lr", "loss")  # of a sweep file (CSV header or JSON keys)
 
 
 @dataclass(frozen=True)
@@ -371,29 +372,42 @@ def read_runs(path: str | Path) -> list[SweepRun]:
     such records, or an object whose ``"runs"`` holds them, as ``benchmarks/calibrate_power.py`` writes).
     A missing or empty loss is a diverged run."""
     path = Path(path)
-    if path.suffix == ".json":
+    if path.suffix.lower() == ".json":
         loaded = json.loads(path.read_text())
         records = loaded["runs"] if isinstance(loaded, Mapping) and "runs" in loaded else loaded
+        where = [f"{path}: record {i}" for i in range(len(records))] if isinstance(records, list) else []
     else:
-        with path.open(newline="") as file:
-            records = list(csv.DictReader(file))
+        with path.open(newline="", encoding="utf-8-sig") as file:  # utf-8-sig: spreadsheets write a BOM
+            reader = csv.DictReader(file)
+            records, where = [], []
+            for record in reader:
+                records.append(record)
+                where.append(f"{path} line {reader.line_num}")
     if not isinstance(records, list) or not all(isinstance(r, Mapping) for r in records):
         raise ValueError(f"{path}: expected a list of records with keys batch_tokens, tokens, lr, loss")
     runs = []
-    for i, record in enumerate(records):
-        missing = [k for k in ("batch_tokens", "tokens", "lr", "loss") if k not in record]
+    for record, place in zip(records, where):
+        missing = [k for k in RUN_COLUMNS if k not in record]
         if missing:
-            raise ValueError(f"{path}: record {i} lacks {missing}; each run needs batch_tokens, tokens, lr, loss")
-        loss = record["loss"]
-        runs.append(
-            SweepRun(
-                float(record["batch_tokens"]),
-                float(record["tokens"]),
-                float(record["lr"]),
-                math.inf if loss in (None, "") else float(loss),
-            )
-        )
+            raise ValueError(f"{place} lacks {missing} (it has {list(record)}); each run needs {list(RUN_COLUMNS)}")
+        batch_tokens, tokens, lr = (_finite_number(record[k], k, place) for k in RUN_COLUMNS[:3])
+        loss = math.inf if record["loss"] in (None, "") else _number(record["loss"], "loss", place)
+        runs.append(SweepRun(batch_tokens, tokens, lr, loss))
     return runs
+
+
+def _number(value: Any, column: str, place: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{place}, column {column!r}: {value!r} is not a number") from None
+
+
+def _finite_number(value: Any, column: str, place: str) -> float:
+    number = _number(value, column, place)
+    if not math.isfinite(number):
+        raise ValueError(f"{place}, column {column!r}: {value!r} is not a finite number")
+    return number
 
 
 def format_fit(fit: PowerLawFit) -> str:
@@ -447,8 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lightning-power calibrate``; returns the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.a is not None and not args.a > 0:
-        parser.error(f"--a must be > 0, got {args.a}")
+    for flag, value in (("--a", args.a), ("--lr-max", args.lr_max), ("--tokens-per-step", args.tokens_per_step)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            parser.error(f"{flag} must be a finite number > 0, got {value}")
+    for flag, value in (("--warmup-tokens", args.warmup_tokens), ("--total-tokens", args.total_tokens)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            parser.error(f"{flag} must be a finite number >= 0, got {value}")
     try:
         batch_exponent = None if args.batch_exponent == "fit" else float(args.batch_exponent)
     except ValueError:

@@ -25,8 +25,8 @@ REFERENCE_SEQUENCE_LENGTH = 4096
 
 def _positive(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     total = int(tokens)
     decay = int(PAPER_DECAY_FRACTION * total)
     warmup = min(PAPER_WARMUP_TOKENS, decay)
+    # The cap must not stop the matched law from reaching eta* at D: above the paper's 0.02, it is eta* itself.
+    matched_lr_max = max(PAPER_LR_MAX, lr_opt)
     paper_lr = power_lr(tokens, batch_tokens=tokens_per_step, a=PAPER_A, b=PAPER_B, lr_max=PAPER_LR_MAX)
-    matched_lr = power_lr(tokens, batch_tokens=tokens_per_step, a=a, b=PAPER_B, lr_max=PAPER_LR_MAX)
+    matched_lr = power_lr(tokens, batch_tokens=tokens_per_step, a=a, b=PAPER_B, lr_max=matched_lr_max)
 
     print(f"# Step Law (arXiv 2503.04715) for N = {params:.4g} non-embedding parameters, D = {tokens:.4g} tokens")
     print(f"#   optimal LR     eta* = 1.79 N^-0.713 D^0.307 = {lr_opt:.4g}")
@@ -71,17 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {'':34}{'Step Law match':>16}{'Power paper':>16}")
     print(f"# {'a':34}{a:>16.4g}{PAPER_A:>16.4g}")
     print(f"# {'b':34}{PAPER_B:>16.4g}{PAPER_B:>16.4g}")
-    print(f"# {'lr_max':34}{PAPER_LR_MAX:>16.4g}{PAPER_LR_MAX:>16.4g}")
+    print(f"# {'lr_max':34}{matched_lr_max:>16.4g}{PAPER_LR_MAX:>16.4g}")
     print(f"# {'LR law at D, batch B*: beta a D^b':34}{matched_lr:>16.4g}{paper_lr:>16.4g}")
     print("#")
     print("# lr_max caps the early LR; 0.02 is the paper's value under muP. Lower it without muP.")
+    if matched_lr_max > PAPER_LR_MAX:
+        print(f"# eta* = {lr_opt:.4g} is above 0.02: the matched lr_max is eta*, held until the decay.")
     print(f"# Train for {math.ceil(tokens / tokens_per_step)} optimizer steps of {tokens_per_step} tokens.")
     print("lr_scheduler:")
     print("  class_path: lightning_power.PowerScheduler")
     print("  init_args:")
     print(f"    a: {a:.6g}")
     print(f"    b: {PAPER_B}")
-    print(f"    lr_max: {PAPER_LR_MAX}")
+    print(f"    lr_max: {matched_lr_max:.6g}")
     print(f"    tokens_per_step: {tokens_per_step}")
     print(f"    warmup_tokens: {warmup}")
     print(f"    decay_tokens: {decay}")

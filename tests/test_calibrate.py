@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -222,7 +223,7 @@ def test_command_line_reads_a_csv_and_prints_the_fit_and_yaml(tmp_path, capsys):
     assert searched["lr_max"] == config["lr_scheduler"]["init_args"]["lr_max"]
     with pytest.raises(SystemExit):
         main([str(path), "--a", "-1"])
-    assert "--a must be > 0, got -1.0" in capsys.readouterr().err
+    assert "--a must be a finite number > 0, got -1.0" in capsys.readouterr().err
 
 
 def test_runs_from_json_with_a_diverged_run(tmp_path, capsys):
@@ -239,6 +240,40 @@ def test_runs_from_json_with_a_diverged_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(bad)])
     assert "lacks ['loss']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("4096,1e6,0.01,abc", r"line 3, column 'loss': 'abc' is not a number"),
+        ("4096,1e6", r"line 3, column 'lr': None is not a number"),
+        ("4096,inf,0.01,2.5", r"line 3, column 'tokens': 'inf' is not a finite number"),
+    ],
+)
+def test_a_bad_value_names_its_line_and_column(tmp_path, capsys, row, message):
+    path = tmp_path / "runs.csv"
+    path.write_text(f"batch_tokens,tokens,lr,loss\n4096,1e6,0.02,2.0\n{row}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path)])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_spreadsheet_csv_with_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "runs.csv"
+    path.write_text("batch_tokens,tokens,lr,loss\n4096,1e6,0.02,2.0\n", encoding="utf-8-sig")
+    assert read_runs(path) == [SweepRun(4096, 1e6, 0.02, 2.0)]
+
+
+@pytest.mark.parametrize(
+    "flags", [["--tokens-per-step", "0"], ["--lr-max", "inf"], ["--a", "nan"], ["--total-tokens", "inf"]]
+)
+def test_flags_that_would_print_an_unusable_yaml_are_usage_errors(tmp_path, capsys, flags):
+    path = tmp_path / "runs.csv"
+    path.write_text("batch_tokens,tokens,lr,loss\n4096,1e6,0.02,2.0\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path), *flags])
+    assert exit_info.value.code == 2 and f"{flags[0]} must be a finite number" in capsys.readouterr().err
 
 
 def test_a_law_whose_lr_grows_with_tokens_gives_no_scheduler(tmp_path, capsys):

@@ -28,6 +28,19 @@ def test_prints_the_step_law_optimum_and_a_matching_power_scheduler(capsys):
     assert 270 * init_args["a"] * 1e11**-0.51 == pytest.approx(1.632e-3, rel=1e-3)
 
 
+def test_an_optimum_above_the_paper_cap_raises_lr_max_to_it(capsys):
+    out = recommend(capsys, "--params", "1e6", "--tokens", "1e8")  # eta* = 0.02697 > 0.02
+    init_args = yaml.safe_load(out)["lr_scheduler"]["init_args"]
+    assert init_args["lr_max"] == pytest.approx(0.02697, rel=1e-3)
+    assert "is above 0.02: the matched lr_max is eta*" in out
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=init_args["lr_max"])
+    scheduler = PowerScheduler(optimizer, **init_args)
+    scheduler.last_epoch = 10**8 // init_args["tokens_per_step"] - 1  # the step that reaches D, before the decay
+    assert scheduler.factor() * init_args["lr_max"] > 0  # a real LR
+    sequences = init_args["tokens_per_step"] // 4096
+    assert sequences * init_args["a"] * 1e8**-0.51 == pytest.approx(init_args["lr_max"], rel=1e-3)  # law = eta* at D
+
+
 def test_the_printed_yaml_builds_a_scheduler(capsys):
     out = recommend(capsys, "--params", "3e6", "--tokens", "5e7", "--sequence-length", "256")
     config = yaml.safe_load(out)["lr_scheduler"]
@@ -48,6 +61,8 @@ def test_the_cli_dispatches_recommend(capsys):
         ["--params", "0", "--tokens", "1e9"],
         ["--params", "1e8"],
         ["--params", "1e8", "--tokens", "1e9", "--sequence-length", "0"],
+        ["--params", "inf", "--tokens", "1e9"],
+        ["--params", "1e8", "--tokens", "inf"],
     ],
 )
 def test_bad_input_exits_with_a_usage_error(argv, capsys):
