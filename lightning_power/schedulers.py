@@ -58,6 +58,10 @@ class TokenScheduler(LRScheduler):
         """The LR multiplier of every param group for optimizer step ``last_epoch``."""
         raise NotImplementedError
 
+    def end_tokens(self) -> int | None:
+        """The tokens at which the schedule reaches its floor, or ``None`` (no horizon, or not counted in tokens)."""
+        return None
+
     @override
     def get_lr(self) -> list[float]:
         factor = self.factor()
@@ -211,6 +215,10 @@ class PowerScheduler(TokenScheduler):
         super().__init__(optimizer, tokens_per_step=tokens_per_step, last_epoch=last_epoch)
 
     @override
+    def end_tokens(self) -> int | None:
+        return self.total_tokens
+
+    @override
     def factor(self) -> float:
         """``power_lr(n) / reference_lr``; 0 until the first batch's tokens are known."""
         n = self.tokens_through_current_step()
@@ -285,6 +293,10 @@ class WSDScheduler(TokenScheduler):
         self.warmup, self.total, self.decay = warmup, total, decay
         self.decay_shape, self.min_lr_ratio, self.units = decay_shape, min_lr_ratio, units
         super().__init__(optimizer, tokens_per_step=None, last_epoch=last_epoch)
+
+    @override
+    def end_tokens(self) -> int | None:
+        return self.total if self.units == "tokens" else None
 
     @override
     def factor(self) -> float:

@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -126,6 +127,7 @@ class TokenCounter(Callback):
         self.step_tokens = 0
         self._local_tokens: int | torch.Tensor = 0
         self._local_batches = 0
+        self._horizon_checked = False
         self._schedulers: list[TokenScheduler] = []
 
     @override
@@ -142,6 +144,7 @@ class TokenCounter(Callback):
                 )
             self._schedulers.append(config.scheduler)
         self._local_tokens, self._local_batches = 0, 0
+        self._horizon_checked = False
 
     @override
     def on_train_batch_start(
@@ -179,12 +182,32 @@ class TokenCounter(Callback):
         self._local_tokens, self._local_batches = 0, 0
         for scheduler in self._schedulers:
             scheduler.set_step_tokens(self.step_tokens)
+        if not self._horizon_checked:
+            self._horizon_checked = True
+            self._warn_if_a_schedule_ends_early(trainer)
         # When and at which step Lightning itself logs (and LearningRateMonitor): once per batch that steps, also
         # when several optimizers each add one to global_step.
         if trainer._logger_connector.should_update_logs:
             metrics = {"tokens/seen": self.tokens_seen, "tokens/step": self.step_tokens}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    def _warn_if_a_schedule_ends_early(self, trainer: pl.Trainer) -> None:
+        """At the first step of a fit: warn when a token schedule would reach its floor well before ``max_steps``,
+        at this step's tokens (e.g. a recipe's token settings kept while devices multiply the global batch)."""
+        if trainer.max_steps <= 0:
+            return
+        planned = self.tokens_seen + (trainer.max_steps - trainer.global_step - 1) * self.step_tokens
+        for scheduler in self._schedulers:
+            end = scheduler.end_tokens()
+            if end is not None and planned > 1.05 * end:
+                rank_zero_warn(
+                    f"{type(scheduler).__name__} reaches its floor at {end} tokens, after about "
+                    f"{trainer.global_step + 1 + -(-(end - self.tokens_seen) // self.step_tokens)} of max_steps="
+                    f"{trainer.max_steps} optimizer steps of {self.step_tokens} tokens (all devices and accumulated "
+                    "micro-batches): the rest trains at the floor LR. Scale the scheduler's token settings with the "
+                    "global batch, or lower max_steps"
+                )
 
     @override
     def state_dict(self) -> dict[str, int]:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lightning_power.demo import ByteCorpus
-from lightning_power.demo.data import ByteWindows, ResumableShuffleSampler, stdlib_source_files
+from lightning_power.demo import data as data_module
+from lightning_power.demo.data import ByteWindows, ResumableShuffleSampler, read_split, stdlib_source_files
 from tests.helpers.tiny import TINY_DATA
 
 
@@ -107,3 +108,21 @@ def test_resume_with_another_global_batch_is_refused(batch_size, world_size):
         rf"{world_size} -> 8 x 1",
     ):
         corpus.train_dataloader()
+
+
+def test_a_single_file_gives_at_most_max_bytes_of_training_text(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_bytes(b"a line of text\n" * 6_000)  # 90 kB
+    corpus = ByteCorpus(str(book), context_length=16, batch_size=2, max_bytes=5_000, max_val_bytes=20_000)
+    corpus.setup("fit")
+    assert len(corpus.train_set.data) == 5_000  # 25 kB read, 1/20 of it held out, the rest cut to max_bytes
+    assert len(corpus.val_set.data) == 25_000 // 20
+
+
+def test_a_file_larger_than_the_whole_file_limit_is_read_only_as_far_as_needed(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "WHOLE_FILE_BYTES", 100)
+    late_nul, early_nul = tmp_path / "late.txt", tmp_path / "early.txt"
+    late_nul.write_bytes(b"x" * 900 + b"\x00" + b"y" * 99)  # binary only past what is read
+    early_nul.write_bytes(b"x" * 10 + b"\x00" + b"y" * 989)
+    assert read_split([late_nul], budget=50, seed=0) == b"x" * 50
+    assert read_split([early_nul], budget=50, seed=0) == b""  # a NUL in the part read: binary, skipped

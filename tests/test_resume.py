@@ -1,6 +1,7 @@
 """Kill a real training job with SIGKILL and resume it from its last checkpoint: nothing may differ.
 
-The train split is 5 batches an epoch, so the resumed job finishes one epoch and runs through the next two.
+The train split is 5 batches an epoch, read by 2 DataLoader worker processes: the job is killed in epoch 1, resumes
+mid-epoch from step 8 and runs through two more epoch boundaries.
 """
 
 import pytest
@@ -17,8 +18,9 @@ def _fit_args(records, extra=()):
         "fit",
         "--config",
         str(CONFIGS / "gpt_demo.yaml"),
-        *tiny_cli_args(max_steps=12),
+        *tiny_cli_args(max_steps=14),
         "--data.init_args.max_bytes=700",  # 43 windows of 16 bytes: 5 batches of 8 an epoch
+        "--data.init_args.num_workers=2",
         "--trainer.logger=false",
         "--trainer.val_check_interval=100",
         "--trainer.limit_val_batches=0",
@@ -38,13 +40,13 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     run_cli(_fit_args("steps.jsonl"), tmp_path / "a")
 
-    kill = ["--trainer.callbacks+=tests.helpers.callbacks.KillAtStep", "--trainer.callbacks.step=6"]
+    kill = ["--trainer.callbacks+=tests.helpers.callbacks.KillAtStep", "--trainer.callbacks.step=10"]
     fit_until_killed(tmp_path / "b", _fit_args("steps.jsonl", kill))
-    assert max(read_records(tmp_path / "b" / "steps.jsonl")) == 6
+    assert max(read_records(tmp_path / "b" / "steps.jsonl")) == 10
     run_cli(_fit_args("steps.jsonl", ["--ckpt_path=ckpt/last.ckpt"]), tmp_path / "b")
 
     uninterrupted, resumed = read_records(tmp_path / "a" / "steps.jsonl"), read_records(tmp_path / "b" / "steps.jsonl")
-    assert sorted(resumed) == sorted(uninterrupted) == list(range(1, 13))
+    assert sorted(resumed) == sorted(uninterrupted) == list(range(1, 15))
     for step in uninterrupted:
         assert resumed[step]["first_bytes"] == uninterrupted[step]["first_bytes"], f"data differs at step {step}"
         assert resumed[step]["lrs"] == uninterrupted[step]["lrs"]

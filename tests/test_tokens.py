@@ -120,6 +120,19 @@ def test_a_step_without_tokens_names_the_cause():
         trainer(1, callbacks=[TokenCounter()]).fit(model, DataLoader([empty], batch_size=None))
 
 
+def test_a_token_schedule_that_ends_well_before_max_steps_is_warned_about(recwarn):
+    step_tokens = 4 * CONTEXT
+
+    def wsd(steps):
+        return lambda opt: WSDScheduler(opt, warmup=0, total=steps * step_tokens, decay=step_tokens, units="tokens")
+
+    with pytest.warns(UserWarning, match=r"WSDScheduler reaches its floor at 96 tokens, after about 3 of max_steps=8"):
+        trainer(8, callbacks=[TokenCounter()]).fit(ScheduledGPT(wsd(3)), ramp_batches([4] * 8))
+    recwarn.clear()
+    trainer(8, callbacks=[TokenCounter()]).fit(ScheduledGPT(wsd(8)), ramp_batches([4] * 8))
+    assert not [w for w in recwarn if "reaches its floor" in str(w.message)]
+
+
 class MaskedGPT(ScheduledGPT):
     """Trains on ``{"input_ids", "attention_mask"}`` batches (the mask only matters to the counter here)."""
 

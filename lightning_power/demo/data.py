@@ -47,11 +47,15 @@ def text_files(path: Path) -> list[Path]:
     return sorted(found)
 
 
+WHOLE_FILE_BYTES = 64 << 20  # read_split reads smaller files whole, so a NUL anywhere in them marks them binary
+
+
 def read_split(files: list[Path], budget: int, seed: int) -> bytes:
     """Concatenate text files, visited in a seeded order, until ``budget`` bytes are read.
 
     The seeded order spreads a small budget over the whole corpus instead of its alphabetically first files. Files
-    that contain a NUL byte are taken as binary and skipped.
+    that contain a NUL byte are taken as binary and skipped. A file is read whole up to ``WHOLE_FILE_BYTES``; of a
+    larger one only what the budget needs (or that much), which is then checked for NUL bytes.
     """
     order = list(files)
     random.Random(seed).shuffle(order)
@@ -59,7 +63,8 @@ def read_split(files: list[Path], budget: int, seed: int) -> bytes:
     for file in order:
         if total >= budget:
             break
-        data = file.read_bytes()
+        with file.open("rb") as stream:
+            data = stream.read(max(budget - total, WHOLE_FILE_BYTES))
         if not data or b"\x00" in data:
             continue
         chunks.append(data[: budget - total])
@@ -104,6 +109,9 @@ class ResumableShuffleSampler(DistributedSampler):
 
     def resume_at(self, epoch: int, skip: int) -> None:
         self._resume_epoch, self._skip = epoch, skip
+        # Lightning sets the epoch only after it has created the train iterator, and DataLoader worker processes
+        # read the sampler when the iterator is created: without this they would draw epoch 0's order.
+        self.set_epoch(epoch)
 
     def _start(self) -> int:
         return self._skip if self.epoch == self._resume_epoch else 0
@@ -174,7 +182,7 @@ class ByteCorpus(pl.LightningDataModule):
         if len(files) == 1:
             data = read_split(files, hp.max_bytes + hp.max_val_bytes, hp.seed)
             cut = len(data) - min(hp.max_val_bytes, len(data) // hp.val_every)
-            train, val = data[:cut], data[cut:]
+            train, val = data[:cut][: hp.max_bytes], data[cut:]
         else:
             train = read_split([f for i, f in enumerate(files) if i % hp.val_every], hp.max_bytes, hp.seed)
             val = read_split(files[:: hp.val_every], hp.max_val_bytes, hp.seed)
