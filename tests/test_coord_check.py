@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,7 +14,17 @@ import yaml
 from torch import nn
 
 from lightning_power.demo import GPT
-from lightning_power.mup.coord_check import _failure, _output_tensors, _recorder, _slope, coord_check, main, mean_abs
+from lightning_power.mup import MuPPlan
+from lightning_power.mup.coord_check import (
+    _failure,
+    _output_tensors,
+    _Recorder,
+    _slope,
+    _width_arg,
+    coord_check,
+    main,
+    mean_abs,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTHS = [16, 32, 64, 128]
@@ -56,18 +67,24 @@ class MLP(nn.Module):
         return self.out(torch.relu(self.hid(torch.relu(self.inp(x)))))
 
 
+BATCH = (torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3)
+
+
+def cross_entropy(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return nn.functional.cross_entropy(net(batch[0]), batch[1])
+
+
 def mlp_check(lr: float, zero_readout: bool = False):
-    batch = (torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3)
     return coord_check(
         lambda width: MLP(width, zero_readout),
         WIDTHS,
-        [batch],
+        [BATCH],
         steps=3,
         lr=lr,
         optimizer="sgd",
         readout="out",
         model_init="torch_default",
-        loss_fn=lambda net, b: nn.functional.cross_entropy(net(b[0]), b[1]),
+        loss_fn=cross_entropy,
     )
 
 
@@ -79,12 +96,115 @@ def test_values_that_blow_up_fail_and_zero_init_passes_at_step_1() -> None:
     zero = mlp_check(lr=0.1, zero_readout=True)
     assert zero.passed, zero.table()
     assert zero.l1["out"][0] == [0.0] * 4 and math.isnan(zero.slopes["out"][0])
+    called = [3] * 4
     assert (
-        _failure("m", 1, [0.0, 1.0, 1.0, 1.0], math.nan, False, 0.4)
+        _failure("m", 1, [0.0, 1.0, 1.0, 1.0], called, math.nan, False, 0.4)
         == "m t=1: mean |output| is 0 (0, 1, 1, 1 by width)"
     )
-    assert _failure("m", 2, [0.0] * 4, math.nan, False, 0.4) == "m t=2: mean |output| is 0 (0, 0, 0, 0 by width)"
-    assert _failure("m", 1, [1.0, math.nan, 1.0, 1.0], 0.0, False, 0.4) is not None
+    assert (
+        _failure("m", 2, [0.0] * 4, called, math.nan, False, 0.4) == "m t=2: mean |output| is 0 (0, 0, 0, 0 by width)"
+    )
+    assert _failure("m", 1, [1.0, math.nan, 1.0, 1.0], called, 0.0, False, 0.4) is not None
+    # a width where no seed called the module leaves the slope unchecked, but a blow-up elsewhere still fails
+    assert _failure("m", 2, [1.0, 1.0, 1.0, math.nan], [3, 3, 3, 0], math.nan, False, 0.4) is None
+    assert (
+        _failure("m", 2, [math.inf, 1.0, 1.0, math.nan], [3, 3, 3, 0], math.nan, False, 0.4)
+        == "m t=2: mean |output| is not finite (inf, 1, 1, not called by width)"
+    )
+
+
+def test_dropping_the_readout_multiplier_or_the_hidden_lr_scaling_fails(monkeypatch) -> None:
+    def adam_check():
+        return coord_check(
+            MLP,
+            WIDTHS,
+            [BATCH],
+            steps=2,
+            lr=0.1,
+            optimizer="adam",
+            readout="out",
+            model_init="torch_default",
+            loss_fn=cross_entropy,
+        )
+
+    assert adam_check().passed
+    with monkeypatch.context() as patch:
+        patch.setattr(MuPPlan, "attach_readouts", lambda self, model: None)
+        no_multiplier = adam_check()
+    assert not no_multiplier.passed and no_multiplier.slopes["out"][0] > 0.4  # logits grow like sqrt(width)
+    with monkeypatch.context() as patch:
+        patch.setattr(MuPPlan, "regroup", lambda self, *args, **kwargs: None)  # every weight at the base LR
+        no_lr_scaling = adam_check()
+    assert not no_lr_scaling.passed and no_lr_scaling.slopes["hid"][1] > 0.5  # hidden updates grow with width
+
+
+class Wrapped(pl.LightningModule):
+    """The usual Lightning pattern: the network is an attribute (here ``attr``, maybe compiled), training_step calls
+    it. Its weights have a width-independent std, so the readout's output shrinks like ``width^-1/2`` under muP."""
+
+    def __init__(self, width: int, attr: str = "net", compiled: bool = False) -> None:
+        super().__init__()
+        net = MLP(width)
+        for layer in (net.inp, net.hid, net.out):
+            nn.init.normal_(layer.weight, std=0.5)
+        setattr(self, attr, torch.compile(net, backend="eager") if compiled else net)
+        self.attr = attr
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return cross_entropy(getattr(self, self.attr), batch)
+
+
+@pytest.mark.parametrize(
+    ("attr", "compiled", "readout", "containers"),
+    [
+        ("net", False, "net.out", ["net"]),
+        ("module", False, "module.out", ["module"]),  # a wrapper prefix: the plan names the readout "out"
+        ("net", True, "net.out", ["net", "net._orig_mod"]),  # torch.compile: recorded as net._orig_mod.out
+    ],
+)
+def test_readouts_under_wrappers_and_the_modules_returning_their_output_may_shrink(
+    attr: str, compiled: bool, readout: str, containers: list[str]
+) -> None:
+    result = coord_check(
+        lambda width: Wrapped(width, attr, compiled), WIDTHS, [BATCH], steps=1, optimizer="adam", readout=readout
+    )
+    assert result.passed, result.table()
+    for name in containers:
+        assert name in result.readout_outputs and result.slopes[name][0] < -0.4
+    assert f"{containers[-1]}.out" in result.readout_outputs and f"{containers[-1]}.hid" not in result.readout_outputs
+
+
+class Routed(nn.Module):
+    """An MLP plus an expert that seed 0 skips (as stochastic depth would) and that the widest model routes no tokens
+    (an empty output). The expert passes ones through, so its mean |output| is 1 wherever it runs."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.mlp, self.expert, self.width = MLP(width), nn.Identity(), width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.initial_seed() != 0:  # coord_check seeds each run with torch.manual_seed(seed)
+            self.expert(torch.ones(0 if self.width == WIDTHS[-1] else 4, 2))
+        return self.mlp(x)
+
+
+def test_seeds_average_over_the_calls_and_modules_not_called_are_reported_not_failed() -> None:
+    result = coord_check(
+        Routed,
+        WIDTHS,
+        [BATCH],
+        steps=2,
+        optimizer="adam",
+        readout="mlp.out",
+        model_init="torch_default",
+        loss_fn=cross_entropy,
+    )
+    assert result.calls["expert"] == [[2, 2, 2, 0]] * 2  # seeds 1 and 2; no tokens at width 128
+    assert result.l1["expert"][0][:3] == [1.0] * 3 and math.isnan(result.l1["expert"][0][3])  # not 2/3, not 0
+    assert result.passed, result.table()
+    assert result.not_called() == [f"expert t={t}: not called at width 128" for t in (1, 2)]
+    assert "not checked: expert t=1: not called at width 128" in result.table() and "n/c" in result.table()
+    assert result.to_dict()["not_called"] == result.not_called()
 
 
 def test_slope_is_the_log_log_least_squares_fit() -> None:
@@ -101,14 +221,15 @@ def test_outputs_tuples_dicts_none_and_repeated_calls() -> None:
     found = _output_tensors("m", {"hidden": t, "mask": None, "ids": torch.ones(2, dtype=torch.long)})
     assert [(name, mean_abs(value)) for name, value in found] == [("m[hidden]", 2.0)]
     assert _output_tensors("m", None) == []
+    assert _output_tensors("m", (torch.ones(0, 4), t)) == [("m[1]", t)]  # an empty output counts as no call
 
-    records: dict = {}
+    recorder = _Recorder(readouts=[])
     layer = nn.Linear(2, 2, bias=False)
     nn.init.eye_(layer.weight)
-    layer.register_forward_hook(_recorder(records, "layer"))
+    layer.register_forward_hook(recorder.hook("layer", is_readout=False))
     layer(torch.tensor([[1.0, -1.0]]))
     layer(torch.tensor([[3.0, 3.0]]))  # called twice in one forward: mean over calls
-    assert records["layer"] == [1.0 + 3.0, 2]
+    assert recorder.records["layer"] == [1.0 + 3.0, 2]
 
 
 def test_mean_abs_is_float32_and_reduces_dtensor_shards(tmp_path: Path) -> None:
@@ -132,6 +253,7 @@ def test_mean_abs_is_float32_and_reduces_dtensor_shards(tmp_path: Path) -> None:
     [
         ({"widths": [16, 32, 64]}, "at least 4 positive widths on a x2 grid"),
         ({"widths": [16, 32, 48, 64]}, "x2 grid"),
+        ({"widths": [16.9, 32, 64, 128]}, "widths must be integers"),
         ({"seeds": 2}, "seeds must be >= 3"),
         ({"steps": 0}, "steps must be >= 1"),
         ({"lr": 0.0}, "lr must be > 0"),
@@ -211,3 +333,75 @@ def test_cli_writes_json_png_tensorboard_and_exit_code(tmp_path: Path, capsys) -
         assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert main([*args[:-4], "--steps", "1", "--no-sp", "--tolerance", "0.001"]) == 1  # muP fails: exit status 1
+
+
+class Classifier(pl.LightningModule):
+    """A model whose width argument is ``d_model``, not ``width``."""
+
+    def __init__(self, d_model: int = 64) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.mlp = MLP(d_model)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return cross_entropy(self.mlp, batch)
+
+
+class Blobs(pl.LightningDataModule):
+    def setup(self, stage: str) -> None:
+        self.data = torch.utils.data.TensorDataset(*BATCH)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self.data, batch_size=16)
+
+
+def classifier_config(tmp_path: Path, **mup_args) -> str:
+    mup_args = {"readout": "mlp.out", "model_init": "torch_default", **mup_args}
+    config = {
+        "trainer": {"callbacks": [{"class_path": "lightning_power.mup.MuP", "init_args": mup_args}]},
+        "model": {"class_path": f"{__name__}.Classifier", "init_args": {"d_model": 64}},
+        "data": {"class_path": f"{__name__}.Blobs"},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return str(tmp_path / "config.yaml")
+
+
+def test_cli_takes_the_width_argument_from_the_mup_callback_or_width_arg(tmp_path: Path, capsys) -> None:
+    fixed = ["--widths", *map(str, WIDTHS), "--steps", "2", "--no-sp", "--out", str(tmp_path)]
+    config = classifier_config(tmp_path, base_overrides={"d_model": 16}, delta_overrides={"d_model": 32})
+    assert main(["--config", config, *fixed]) == 0
+    assert json.loads((tmp_path / "coord_check_mup.json").read_text())["passed"]
+
+    ambiguous = {"base_overrides": {"d_model": 16, "d_ff": 64}, "delta_overrides": {"d_model": 32, "d_ff": 128}}
+    config = classifier_config(tmp_path, **ambiguous)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", config, *fixed])
+    assert (
+        exit_info.value.code == 2
+        and "d_model, d_ff of their keys could be the width; pass --width-arg" in capsys.readouterr().err
+    )
+    assert main(["--config", config, "--width-arg", "d_model", *fixed]) == 0
+
+    assert _width_arg({}) == "width"
+    assert _width_arg({"base_overrides": {"d_model": 16}}) == "d_model"
+    assert _width_arg({"base_overrides": {"d_model": 16, "depth": 2}, "delta_overrides": {"d_model": 32, "depth": 2}})
+    with pytest.raises(ValueError, match="none of their keys could be the width"):
+        _width_arg({"base_overrides": {"d_model": 16}, "delta_overrides": {"d_model": 16}})
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--widths", "16", "32", "64"], "at least 4 positive widths"),
+        (["--widths", "16", "32", "64", "128.5"], "invalid int value: '128.5'"),
+        (["--seeds", "2"], "seeds must be >= 3"),
+        (["--model-args", "d_model"], "--model-args takes KEY=VALUE pairs, got 'd_model'"),
+        (["--model-args", "depth=2"], "unexpected keyword argument 'depth'"),
+        (["--width-arg", "width"], "unexpected keyword argument 'width'"),
+    ],
+)
+def test_cli_bad_input_exits_2_not_1(tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    config = classifier_config(tmp_path, base_overrides={"d_model": 16})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", config, "--widths", *map(str, WIDTHS), *args, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

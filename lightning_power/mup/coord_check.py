@@ -13,10 +13,16 @@ rescale, readout multiplier or hidden-LR scaling each gives +0.5 or more. Correc
 effects; on the demo GPT at widths 32-256, Adam at LR 2^-6 and 3 seeds we measured slopes within +-0.36 by step 5
 (narrow models with 2-4 heads run hotter). Hence the default tolerance of 0.4.
 
-Known exception: the model's output and each readout's output shrink like ``width^-1/2`` at step 1 (the forward
-before the first update) under muP's ``1/width`` readout multiplier with a non-zero readout init, and keep part of that
-shrinkage over the next steps, until the updates dominate the initial weights. Their slopes may lie anywhere in
-``[-0.5 - tolerance, tolerance]``: they may shrink, never grow. (Zero-initialising the readout removes it.)
+Modules a forward skips (stochastic depth, routing; an empty output counts as a skip): a module's value at a width and
+step is the mean over the seeds whose forward called it. Where no seed called it at some width, that step cannot be
+checked: its value there is NaN, and the result lists it in ``not_called()`` instead of failing it.
+
+Known exception: the model's output, each readout's output, and the output of any module that returns a readout's
+output tensor itself (a container such as ``self.gpt`` whose forward ends in the readout) shrink like ``width^-1/2`` at
+step 1 (the forward before the first update) under muP's ``1/width`` readout multiplier with a non-zero readout init,
+and keep part of that shrinkage over the next steps, until the updates dominate the initial weights. Their slopes may
+lie anywhere in ``[-0.5 - tolerance, tolerance]``: they may shrink, never grow. (Zero-initialising the readout
+removes it.)
 
 Python::
 
@@ -40,11 +46,12 @@ import io
 import itertools
 import json
 import math
+import numbers
 import os
 import platform
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
@@ -52,6 +59,7 @@ import torch
 import yaml
 from torch import nn
 
+from lightning_power.distributed import logical_param_name
 from lightning_power.files import write_atomically
 from lightning_power.mup.plan import ModelInit, MuPPlan, OptimizerFamily, detect_optimizer_family
 
@@ -70,10 +78,12 @@ class CoordCheckResult:
     """Mean ``|output|`` per module, step and width (averaged over seeds), and the log-log slopes vs width.
 
     ``l1[module][t - 1][i]`` is the value at step ``t`` (1 = the forward before the first update) and width
-    ``widths[i]``; ``slopes[module][t - 1]`` its least-squares slope of ``log2 l1`` on ``log2 width`` (NaN when a value
-    is 0, infinite or NaN). ``readout_outputs`` are the modules allowed to shrink (the readouts and the model output,
-    ``<output>``); ``failures`` lists every slope out of range and every value that is infinite, NaN or 0 (0 passes
-    only at step 1 at every width: a zero-initialised layer).
+    ``widths[i]``, averaged over the ``calls[module][t - 1][i]`` seeds whose forward called the module (NaN when none
+    did); ``slopes[module][t - 1]`` its least-squares slope of ``log2 l1`` on ``log2 width`` (NaN when a value is 0,
+    infinite or NaN). ``readout_outputs`` are the modules allowed to shrink (the readouts, the modules that return a
+    readout's output tensor, and the model output ``<output>``); ``failures`` lists every slope out of range and every
+    value that is infinite, NaN or 0 (0 passes only at step 1 at every width: a zero-initialised layer). A step at
+    which a module was not called at some width is not checked; :meth:`not_called` lists those.
     """
 
     parametrization: Literal["mup", "sp"]
@@ -84,6 +94,7 @@ class CoordCheckResult:
     optimizer: str
     tolerance: float
     l1: dict[str, list[list[float]]]
+    calls: dict[str, list[list[int]]]
     slopes: dict[str, list[float]]
     readout_outputs: list[str]
     failures: list[str] = field(default_factory=list)
@@ -92,6 +103,15 @@ class CoordCheckResult:
     @property
     def passed(self) -> bool:
         return not self.failures
+
+    def not_called(self) -> list[str]:
+        """The module steps left unchecked because no seed's forward called the module at some width."""
+        return [
+            f"{name} t={t}: not called at width {', '.join(str(w) for w, c in zip(self.widths, calls) if not c)}"
+            for name, per_step in self.calls.items()
+            for t, calls in enumerate(per_step, start=1)
+            if not all(calls)
+        ]
 
     def max_abs_slope(self) -> float:
         """The largest |slope| of any module but the readout outputs (their init shrinkage is allowed)."""
@@ -118,11 +138,15 @@ class CoordCheckResult:
         for name, slopes in self.slopes.items():
             cells = []
             for t, slope in enumerate(slopes, start=1):
-                values = self.l1[name][t - 1]
-                failure = _failure(name, t, values, slope, name in self.readout_outputs, self.tolerance)
-                text = f"{slope:+6.2f}" if math.isfinite(slope) else "-" if all(map(math.isfinite, values)) else "nan"
+                values, calls = self.l1[name][t - 1], self.calls[name][t - 1]
+                failure = _failure(name, t, values, calls, slope, name in self.readout_outputs, self.tolerance)
+                if math.isfinite(slope):
+                    text = f"{slope:+6.2f}"
+                else:
+                    text = "-" if all(map(math.isfinite, values)) else "n/c" if not failure else "nan"
                 cells.append(f"{text:>6}{'!' if failure else ' '}")
             lines.append(f"{name:<{name_width}} " + " ".join(cells))
+        lines.extend(f"not checked: {line}" for line in self.not_called())
         verdict = "PASS" if self.passed else f"FAIL ({len(self.failures)} slopes out of range or values not finite)"
         lines.append(
             f"{self.parametrization}: {verdict}; largest |slope| outside the readout outputs "
@@ -131,7 +155,7 @@ class CoordCheckResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed}
+        return {**asdict(self), "passed": self.passed, "not_called": self.not_called()}
 
     def figure(self) -> Any:
         """One panel per step: mean |output| vs width on log-log axes (a matplotlib Figure).
@@ -222,8 +246,8 @@ def coord_check(
 
     Args:
         model: a module class built as ``model(**model_args, width=w)``, or a factory ``width -> module``.
-        widths: at least 4 widths on a x2 grid (e.g. 32, 64, 128, 256); the first is muP's base width and the second
-            its delta.
+        widths: at least 4 integer widths on a x2 grid (e.g. 32, 64, 128, 256); the first is muP's base width and the
+            second its delta.
         batches: the fixed batches of steps 1, 2, ... (cycled); the same for every width and seed.
         model_args: init arguments of ``model`` when it is a class.
         width_arg: the init argument that sets the width.
@@ -239,17 +263,8 @@ def coord_check(
         loss_fn: ``(module, batch) -> loss``; by default the module's ``training_step(batch, 0)``.
         tolerance: the largest |slope| that passes.
     """
+    _check_arguments(widths, steps, seeds, lr, tolerance)
     widths = [int(w) for w in widths]
-    if len(widths) < 4 or any(b != 2 * a for a, b in itertools.pairwise(widths)) or widths[0] <= 0:
-        raise ValueError(f"widths must be at least 4 positive widths on a x2 grid (e.g. 32 64 128 256), got {widths}")
-    if seeds < 3:
-        raise ValueError(f"seeds must be >= 3 (slopes from one seed are noise), got {seeds}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    if not tolerance > 0:
-        raise ValueError(f"tolerance must be > 0, got {tolerance}")
     if not batches:
         raise ValueError("batches must hold at least one batch")
     if isinstance(optimizer, str):
@@ -267,57 +282,110 @@ def coord_check(
     family = optimizer_family or detect_optimizer_family(optimizer_cls)
     factory = _factory(model, model_args or {}, width_arg)
 
-    with torch.device("meta"):
-        base, delta = factory(widths[0]), factory(widths[1])
+    try:
+        with torch.device("meta"):
+            base, delta = factory(widths[0]), factory(widths[1])
+    except TypeError as error:
+        raise ValueError(
+            f"cannot build the model at width {widths[0]} from model_args and width_arg: {error}"
+        ) from error
     if loss_fn is None and not callable(getattr(base, "training_step", None)):
         raise ValueError(f"{type(base).__name__} has no training_step; pass loss_fn=(module, batch) -> loss")
     sums: dict[str, list[list[float]]] = {}
-    readouts: set[str] = set()
+    calls: dict[str, list[list[int]]] = {}
+    readout_outputs: set[str] = set()
     for width_index, width in enumerate(widths):
         for seed in range(seeds):
             torch.manual_seed(seed)
             net = factory(width).float().train()
             plan = MuPPlan.from_models(net, base, delta, readout)
-            readouts.update(plan.readouts)
             opt = optimizer_cls(net.parameters(), lr=lr, **(optimizer_args or {}))
             if mup:
                 if model_init is not None:
                     plan.apply_init(net, model_init)
                 plan.attach_readouts(net)
                 plan.regroup(opt, net, family)
-            for t, sizes in enumerate(_train(net, opt, batches, steps, loss_fn)):
+            recorder = _Recorder(plan.readouts)
+            for t, sizes in enumerate(recorder.train(net, opt, batches, steps, loss_fn)):
                 for name, size in sizes.items():
-                    cell = sums.setdefault(name, [[0.0] * len(widths) for _ in range(steps)])
-                    cell[t][width_index] += size / seeds
+                    sums.setdefault(name, [[0.0] * len(widths) for _ in range(steps)])[t][width_index] += size
+                    calls.setdefault(name, [[0] * len(widths) for _ in range(steps)])[t][width_index] += 1
+            readout_outputs |= recorder.readout_outputs
 
+    l1 = {
+        name: [
+            [total / count if count else math.nan for total, count in zip(step_sums, step_calls)]
+            for step_sums, step_calls in zip(per_step, calls[name])
+        ]
+        for name, per_step in sums.items()
+    }
     log_widths = [math.log2(w) for w in widths]
-    slopes = {name: [_slope(log_widths, per_width) for per_width in per_step] for name, per_step in sums.items()}
-    exceptions = sorted(name for name in sums if name.split("[")[0] in readouts | {ROOT})
+    slopes = {name: [_slope(log_widths, per_width) for per_width in per_step] for name, per_step in l1.items()}
+    exceptions = sorted(name for name in l1 if name in readout_outputs or name.split("[")[0] == ROOT)
     failures = [
         failure
         for name, per_step in slopes.items()
         for t, slope in enumerate(per_step, start=1)
-        if (failure := _failure(name, t, sums[name][t - 1], slope, name in exceptions, tolerance))
+        if (failure := _failure(name, t, l1[name][t - 1], calls[name][t - 1], slope, name in exceptions, tolerance))
     ]
-    name = optimizer if isinstance(optimizer, str) else optimizer.__name__
     return CoordCheckResult(
-        "mup" if mup else "sp", widths, steps, seeds, lr, name, tolerance, sums, slopes, exceptions, failures
+        parametrization="mup" if mup else "sp",
+        widths=widths,
+        steps=steps,
+        seeds=seeds,
+        lr=lr,
+        optimizer=optimizer if isinstance(optimizer, str) else optimizer.__name__,
+        tolerance=tolerance,
+        l1=l1,
+        calls=calls,
+        slopes=slopes,
+        readout_outputs=exceptions,
+        failures=failures,
     )
 
 
-def _failure(
-    name: str, t: int, values: Sequence[float], slope: float, is_readout_output: bool, tolerance: float
-) -> str | None:
-    """Why module ``name`` fails at step ``t`` (its mean |output| per width and their slope), or ``None``.
+def _check_arguments(widths: Sequence[int], steps: int, seeds: int, lr: float, tolerance: float) -> None:
+    """Raise ``ValueError`` naming the first argument of :func:`coord_check` (or the CLI) that is out of range."""
+    if not all(isinstance(w, numbers.Integral) for w in widths):
+        raise ValueError(f"widths must be integers, got {list(widths)}")
+    if len(widths) < 4 or any(b != 2 * a for a, b in itertools.pairwise(widths)) or widths[0] <= 0:
+        raise ValueError(
+            f"widths must be at least 4 positive widths on a x2 grid (e.g. 32 64 128 256), got {list(widths)}"
+        )
+    if seeds < 3:
+        raise ValueError(f"seeds must be >= 3 (slopes from one seed are noise), got {seeds}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0, got {tolerance}")
 
-    An infinite or NaN value fails: the model blew up. So does 0, except at step 1 at every width (a zero-initialised
-    layer, e.g. ``zero_init_readout``).
+
+def _failure(
+    name: str,
+    t: int,
+    values: Sequence[float],
+    calls: Sequence[int],
+    slope: float,
+    is_readout_output: bool,
+    tolerance: float,
+) -> str | None:
+    """Why module ``name`` fails at step ``t`` (its mean |output| and number of calls per width, their slope), or
+    ``None``.
+
+    An infinite or NaN value fails: the model blew up. So does 0, except at step 1 at every width where the module
+    was called (a zero-initialised layer, e.g. ``zero_init_readout``). The slope is not checked when the module was
+    not called at some width (its value there is NaN): :meth:`CoordCheckResult.not_called` reports that.
     """
-    shown = ", ".join(f"{v:g}" for v in values)
-    if not all(map(math.isfinite, values)):
+    called = [v for v, count in zip(values, calls) if count]
+    shown = ", ".join(f"{v:g}" if count else "not called" for v, count in zip(values, calls))
+    if not all(map(math.isfinite, called)):
         return f"{name} t={t}: mean |output| is not finite ({shown} by width)"
-    if any(v == 0 for v in values):
-        return None if t == 1 and not any(values) else f"{name} t={t}: mean |output| is 0 ({shown} by width)"
+    if any(v == 0 for v in called):
+        return None if t == 1 and not any(called) else f"{name} t={t}: mean |output| is 0 ({shown} by width)"
+    if len(called) < len(values):
+        return None
     low = -0.5 - tolerance if is_readout_output else -tolerance
     return None if low <= slope <= tolerance else f"{name} t={t}: slope {slope:+.3f}"
 
@@ -341,32 +409,61 @@ def _factory(
     return model
 
 
-def _train(
-    net: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Sequence[Any],
-    steps: int,
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
-) -> list[dict[str, float]]:
-    """Mean |output| of every module at each step's forward, then an optimizer step."""
-    records: dict[str, list[float]] = {}
-    handles = [
-        module.register_forward_hook(_recorder(records, ROOT if not name else name))
-        for name, module in net.named_modules()
-    ]
-    sizes = []
-    try:
-        for t in range(steps):
-            records.clear()
-            optimizer.zero_grad(set_to_none=True)
-            loss = _loss(net, batches[t % len(batches)], loss_fn)
-            loss.backward()
-            optimizer.step()
-            sizes.append({name: total / count for name, (total, count) in records.items()})
-    finally:
-        for handle in handles:
-            handle.remove()
-    return sizes
+class _Recorder:
+    """Forward hooks recording every module's mean |output| per forward, and which outputs are a readout's output.
+
+    ``readouts`` are the readout modules' logical names (wrapper prefixes such as ``module.`` or ``_orig_mod.``
+    removed, as in :class:`~lightning_power.mup.MuPPlan`). A module whose output is the very tensor a readout returned
+    in the same forward (a container passing the logits through) joins ``readout_outputs`` with the readouts.
+    """
+
+    def __init__(self, readouts: Collection[str]) -> None:
+        self.readouts = set(readouts)
+        self.records: dict[str, list[float]] = {}  # output name -> [sum of mean |output|, calls] in this forward
+        self.readout_tensors: list[torch.Tensor] = []  # the readouts' outputs in this forward
+        self.readout_outputs: set[str] = set()
+
+    def train(
+        self,
+        net: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batches: Sequence[Any],
+        steps: int,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
+    ) -> list[dict[str, float]]:
+        """Mean |output| of every module at each step's forward, then an optimizer step."""
+        handles = [
+            module.register_forward_hook(self.hook(name or ROOT, logical_param_name(name) in self.readouts))
+            for name, module in net.named_modules()
+        ]
+        sizes = []
+        try:
+            for t in range(steps):
+                self.records.clear()
+                self.readout_tensors.clear()
+                optimizer.zero_grad(set_to_none=True)
+                loss = _loss(net, batches[t % len(batches)], loss_fn)
+                loss.backward()
+                optimizer.step()
+                sizes.append({name: total / count for name, (total, count) in self.records.items()})
+        finally:
+            self.readout_tensors.clear()
+            for handle in handles:
+                handle.remove()
+        return sizes
+
+    def hook(self, name: str, is_readout: bool) -> Callable[..., None]:
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            for key, tensor in _output_tensors(name, output):
+                if is_readout:
+                    self.readout_tensors.append(tensor)
+                if is_readout or any(tensor is readout for readout in self.readout_tensors):
+                    self.readout_outputs.add(key)
+                total_count = self.records.setdefault(key, [0.0, 0])
+                total_count[0] += mean_abs(tensor)
+                total_count[1] += 1  # a module called several times per forward records its mean over calls
+
+        return record
 
 
 def _loss(net: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None) -> torch.Tensor:
@@ -378,20 +475,13 @@ def _loss(net: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], torch.
     return out["loss"] if isinstance(out, Mapping) else out
 
 
-def _recorder(records: dict[str, list[float]], name: str) -> Callable[..., None]:
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        for key, tensor in _output_tensors(name, output):
-            total_count = records.setdefault(key, [0.0, 0])
-            total_count[0] += mean_abs(tensor)
-            total_count[1] += 1  # a module called several times per forward records its mean over calls
-
-    return hook
-
-
 def _output_tensors(name: str, output: Any) -> list[tuple[str, torch.Tensor]]:
-    """Floating-point tensors of a module output: a tensor, or the entries of a tuple / list / dict (None skipped)."""
+    """Non-empty floating-point tensors of a module output: a tensor, or the entries of a tuple / list / dict.
+
+    ``None`` and empty tensors (an expert routed no tokens) are skipped: an empty output counts as no call.
+    """
     if isinstance(output, torch.Tensor):
-        return [(name, output)] if output.is_floating_point() else []
+        return [(name, output)] if output.is_floating_point() and output.numel() else []
     if isinstance(output, (tuple, list)):
         items: Any = enumerate(output)
     elif isinstance(output, Mapping):
@@ -401,7 +491,7 @@ def _output_tensors(name: str, output: Any) -> list[tuple[str, torch.Tensor]]:
     return [
         (f"{name}[{key}]", value)
         for key, value in items
-        if isinstance(value, torch.Tensor) and value.is_floating_point()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel()
     ]
 
 
@@ -428,7 +518,7 @@ def _machine() -> str:
 
 # ------------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    """``lightning-power coord-check``: run muP (and SP for comparison); exit 1 when muP fails."""
+    """``lightning-power coord-check``: run muP (and SP for comparison); exit 1 when muP fails, 2 on bad input."""
     parser = argparse.ArgumentParser(
         prog="lightning-power coord-check",
         description="Coordinate check of a LightningModule under muP, with SP side by side. Model, data, optimizer "
@@ -437,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="a `lightning-power fit` YAML (model, data, optimizer, MuP callback)")
     parser.add_argument("--model", help="model class path (default: the config's, else lightning_power.demo.GPT)")
     parser.add_argument("--model-args", nargs="*", default=[], metavar="KEY=VALUE", help="model init overrides")
+    parser.add_argument(
+        "--width-arg",
+        help="the model init argument that sets the width (default: the one the MuP callback's base_overrides and "
+        "delta_overrides set to different values, else width)",
+    )
     parser.add_argument("--data-args", nargs="*", default=[], metavar="KEY=VALUE", help="data module overrides")
     parser.add_argument(
         "--widths",
@@ -456,40 +551,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="coord_check", help="folder for coord_check_{mup,sp}.{json,png}")
     parser.add_argument("--tensorboard", help="also log the figures to this TensorBoard log dir")
     args = parser.parse_args(argv)
-
-    config = _load_config(args.config)
-    model_cfg = config.get("model", {})
-    model_cls = _import(args.model or model_cfg.get("class_path", "lightning_power.demo.GPT"))
-    model_args = {**model_cfg.get("init_args", {}), **_key_values(args.model_args, "--model-args")}
-    mup_args = _mup_callback_args(config)
-    optimizer_cfg = config.get("optimizer", {})
-    if args.optimizer:
-        optimizer, optimizer_args = args.optimizer, {}
-    elif optimizer_cfg:
-        optimizer = _import(optimizer_cfg["class_path"])
-        optimizer_args = {k: v for k, v in optimizer_cfg.get("init_args", {}).items() if k != "lr"}
-    else:
-        optimizer, optimizer_args = "adamw", {}
-    batches = _batches(config.get("data", {}), _key_values(args.data_args, "--data-args"), model_args, args.steps)
+    try:  # bad input exits 2, like any usage error: exit 1 means muP failed
+        _check_arguments(args.widths, args.steps, args.seeds, args.lr, args.tolerance)
+        config = _load_config(args.config)
+        model_cfg = config.get("model", {})
+        model_cls = _import(args.model or model_cfg.get("class_path", "lightning_power.demo.GPT"))
+        model_args = {**model_cfg.get("init_args", {}), **_key_values(args.model_args, "--model-args")}
+        mup_args = _mup_callback_args(config)
+        width_arg = args.width_arg or _width_arg(mup_args)
+        optimizer_cfg = config.get("optimizer", {})
+        if args.optimizer:
+            optimizer, optimizer_args = args.optimizer, {}
+        elif optimizer_cfg:
+            optimizer = _import(optimizer_cfg["class_path"])
+            optimizer_args = {k: v for k, v in optimizer_cfg.get("init_args", {}).items() if k != "lr"}
+        else:
+            optimizer, optimizer_args = "adamw", {}
+        batches = _batches(config.get("data", {}), _key_values(args.data_args, "--data-args"), model_args, args.steps)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
 
     results = []
     for mup in (True,) if args.no_sp else (True, False):
-        result = coord_check(
-            model_cls,
-            args.widths,
-            batches,
-            model_args=model_args,
-            mup=mup,
-            steps=args.steps,
-            seeds=args.seeds,
-            lr=args.lr,
-            optimizer=optimizer,
-            optimizer_args=optimizer_args,
-            optimizer_family=None if args.optimizer else mup_args.get("optimizer_family"),
-            readout=mup_args.get("readout"),
-            model_init=mup_args.get("model_init", "fixed_std"),
-            tolerance=args.tolerance,
-        )
+        try:
+            result = coord_check(
+                model_cls,
+                args.widths,
+                batches,
+                model_args=model_args,
+                width_arg=width_arg,
+                mup=mup,
+                steps=args.steps,
+                seeds=args.seeds,
+                lr=args.lr,
+                optimizer=optimizer,
+                optimizer_args=optimizer_args,
+                optimizer_family=None if args.optimizer else mup_args.get("optimizer_family"),
+                readout=mup_args.get("readout"),
+                model_init=mup_args.get("model_init", "fixed_std"),
+                tolerance=args.tolerance,
+            )
+        except ValueError as error:  # the config's readout, optimizer_family, model_args, ...
+            parser.error(str(error))
         print(result.table(), end="\n\n")
         result.save(os.path.join(args.out, f"coord_check_{result.parametrization}"), args.tensorboard)
         results.append(result)
@@ -505,7 +608,7 @@ def _load_config(path: str | None) -> dict[str, Any]:
     with open(path) as file:
         config = yaml.safe_load(file) or {}
     if not isinstance(config, dict):
-        raise TypeError(f"--config {path!r} is not a YAML mapping")
+        raise ValueError(f"--config {path!r} is not a YAML mapping")
     return config
 
 
@@ -514,6 +617,21 @@ def _mup_callback_args(config: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(callback, Mapping) and str(callback.get("class_path", "")).rsplit(".", 1)[-1] == "MuP":
             return dict(callback.get("init_args", {}))
     return {}
+
+
+def _width_arg(mup_args: Mapping[str, Any]) -> str:
+    """The model argument that sets the width: the one key the MuP callback's ``base_overrides`` and
+    ``delta_overrides`` set to different values (or ``base_overrides``' one key), else ``"width"``."""
+    base, delta = mup_args.get("base_overrides") or {}, mup_args.get("delta_overrides")
+    if not base:
+        return "width"
+    keys = [key for key in base if delta is None or (key in delta and base[key] != delta[key])]
+    if len(keys) != 1:
+        raise ValueError(
+            f"cannot tell the width argument from the MuP callback's base_overrides {base} and delta_overrides "
+            f"{delta}: {', '.join(keys) or 'none'} of their keys could be the width; pass --width-arg"
+        )
+    return keys[0]
 
 
 def _batches(
