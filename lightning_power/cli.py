@@ -29,9 +29,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI, ReduceLROnPlateau, instantiate_class
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lightning_power.strategies import AtomicCheckpointIO
+from lightning_power.strategies import use_atomic_checkpoint_io
 
 # Commands that are not Trainer entry points: name -> "module:function" taking argv and returning an exit code.
 TOOLS: dict[str, str] = {
@@ -111,8 +110,7 @@ class LightningPowerCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a user's choice
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        use_atomic_checkpoint_io(trainer.strategy)
         has_monitor = any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks)
         if trainer.loggers and not has_monitor:
             trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))

@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import strategies
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -54,9 +55,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+        filesystem, local_path = url_to_fs(str(path))  # "file:///x" -> "/x"
+        if storage_options is not None or not isinstance(filesystem, LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_write(path, lambda file: torch.save(checkpoint, file))
+        atomic_write(local_path, lambda file: torch.save(checkpoint, file))
+
+
+def use_atomic_checkpoint_io(strategy: strategies.Strategy) -> None:
+    """Give ``strategy`` an :class:`AtomicCheckpointIO` where it has Lightning's default ``TorchCheckpointIO``: as its
+    checkpoint IO, or inside a wrapper such as ``AsyncCheckpointIO``. A user's own checkpoint IO is left alone."""
+    io = strategy._checkpoint_io  # the property would put a default TorchCheckpointIO in place first
+    if io is None or type(io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+    elif isinstance(io, _WrappingCheckpointIO) and (
+        io.checkpoint_io is None or type(io.checkpoint_io) is TorchCheckpointIO
+    ):
+        io._checkpoint_io = AtomicCheckpointIO()  # its setter keeps a base already set, even Lightning's default
+        io._base_checkpoint_io_configured = True
 
 
 class _AtomicShardedSave:

@@ -8,6 +8,7 @@ Logged metrics, to every logger, every ``trainer.log_every_n_steps`` optimizer s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -193,20 +194,22 @@ class TokenCounter(Callback):
                 logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
 
     def _warn_if_a_schedule_ends_early(self, trainer: pl.Trainer) -> None:
-        """At the first step of a fit: warn when a token schedule would reach its floor well before ``max_steps``,
-        at this step's tokens (e.g. a recipe's token settings kept while devices multiply the global batch)."""
-        if trainer.max_steps <= 0:
+        """At the first step of a fit: warn when a token schedule would reach its floor well before the fit ends, at
+        this step's tokens (e.g. a recipe's token settings kept while devices multiply the global batch)."""
+        total_steps = trainer.estimated_stepping_batches  # what max_steps, max_epochs and the data allow
+        if not math.isfinite(total_steps):
             return
-        planned = self.tokens_seen + (trainer.max_steps - trainer.global_step - 1) * self.step_tokens
+        done = trainer.fit_loop.epoch_loop._batches_that_stepped + 1  # this step included, as tokens_seen
+        planned = self.tokens_seen + (total_steps - done) * self.step_tokens
         for scheduler in self._schedulers:
             end = scheduler.end_tokens()
             if end is not None and planned > 1.05 * end:
                 rank_zero_warn(
                     f"{type(scheduler).__name__} reaches its floor at {end} tokens, after about "
-                    f"{trainer.global_step + 1 + -(-(end - self.tokens_seen) // self.step_tokens)} of max_steps="
-                    f"{trainer.max_steps} optimizer steps of {self.step_tokens} tokens (all devices and accumulated "
+                    f"{done + -(-(end - self.tokens_seen) // self.step_tokens)} of the {int(total_steps)} optimizer "
+                    f"steps this fit runs, at {self.step_tokens} tokens a step (all devices and accumulated "
                     "micro-batches): the rest trains at the floor LR. Scale the scheduler's token settings with the "
-                    "global batch, or lower max_steps"
+                    "global batch, or train fewer steps"
                 )
 
     @override

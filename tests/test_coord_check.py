@@ -101,8 +101,10 @@ def test_values_that_blow_up_fail_and_zero_init_passes_at_step_1() -> None:
         _failure("m", 1, [0.0, 1.0, 1.0, 1.0], called, math.nan, False, 0.4)
         == "m t=1: mean |output| is 0 (0, 1, 1, 1 by width)"
     )
-    assert (
-        _failure("m", 2, [0.0] * 4, called, math.nan, False, 0.4) == "m t=2: mean |output| is 0 (0, 0, 0, 0 by width)"
+    # 0 at every width does not depend on width, at any step: a zero-init layer below a zero-init readout stays 0
+    assert _failure("m", 2, [0.0] * 4, called, math.nan, False, 0.4) is None
+    assert _failure("m", 2, [1.0, 1.0, 0.0, 1.0], called, math.nan, False, 0.4) == (
+        "m t=2: mean |output| is 0 (1, 1, 0, 1 by width)"
     )
     assert _failure("m", 1, [1.0, math.nan, 1.0, 1.0], called, 0.0, False, 0.4) is not None
     # a width where no seed called the module leaves the slope unchecked, but a blow-up elsewhere still fails

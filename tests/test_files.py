@@ -52,3 +52,17 @@ def test_the_cli_writes_checkpoints_with_atomic_checkpoint_io(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     cli = LightningPowerCLI(args=["--config", str(CONFIGS / "gpt_demo.yaml"), *tiny_cli_args(max_steps=1)], run=False)
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_atomic_checkpoint_io_takes_file_urls_as_local_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    AtomicCheckpointIO().save_checkpoint({"step": 3}, f"file://{tmp_path}/ckpt/x.ckpt")
+    assert (tmp_path / "ckpt" / "x.ckpt").is_file() and not (tmp_path / "file:").exists()
+
+
+def test_the_cli_puts_atomic_checkpoint_io_inside_async_checkpoint_io(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(CONFIGS / "gpt_demo.yaml"), *tiny_cli_args(max_steps=1)]
+    cli = LightningPowerCLI(args=[*args, "--trainer.plugins=lightning.pytorch.plugins.io.AsyncCheckpointIO"], run=False)
+    io = cli.trainer.strategy.checkpoint_io
+    assert type(io).__name__ == "AsyncCheckpointIO" and isinstance(io.checkpoint_io, AtomicCheckpointIO)

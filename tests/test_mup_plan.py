@@ -401,6 +401,14 @@ def test_param_groups_of_another_family_are_refused(model: Net, plan: MuPPlan) -
     assert not plan.regroup(optimizer, model)
     assert {g["mup_family"] for g in optimizer.param_groups} == {"sgd"}
 
+    class UnknownToMuP(torch.optim.Optimizer):  # e.g. a third-party optimizer: no family can be detected
+        def __init__(self, params, lr=0.1):
+            super().__init__(params, {"lr": lr})
+
+    with pytest.raises(TypeError, match="optimizer_family"):
+        plan.regroup(UnknownToMuP(model.parameters()), model)
+    assert not plan.regroup(UnknownToMuP(plan.param_groups(model, lr=0.1, optimizer="adam")), model)  # groups say
+
 
 @pytest.mark.parametrize("floor", ["CosineAnnealingLR", "CosineAnnealingWarmRestarts", "SequentialLR"])
 def test_scheduler_with_an_absolute_lr_floor_is_refused(model: Net, plan: MuPPlan, floor: str) -> None:

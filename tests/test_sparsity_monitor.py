@@ -48,7 +48,7 @@ class SlidingColumns(pl.LightningModule):
         inputs, targets = torch.randn(4, N_COLUMNS, generator=generator), torch.randn(4, 3, generator=generator)
         active = torch.zeros(N_COLUMNS)
         active[max(step - 1, 0) : step + 2] = 1.0
-        inputs, targets, active = inputs.to(self.device), targets.to(self.device), active.to(self.device)
+        inputs, targets, active = (x.to(self.device, self.dtype) for x in (inputs, targets, active))
         outputs = self.frozen(torch.tanh(self.second(torch.tanh(self.first(inputs * active)))))
         return F.mse_loss(outputs, targets)
 
@@ -287,6 +287,12 @@ def test_a_dtype_with_no_local_elements_counts_nothing(tmp_path):
     assert_history(monitor.history, expected_history([2, 4]))  # the same numbers as without the empty parameter
 
 
+def test_an_atol_that_rounds_to_0_for_the_model_dtype_is_refused_at_fit_start(tmp_path):
+    with pytest.raises(ValueError, match=r"atol=1e-46 rounds to 0 where the differences of torch.float32 values"):
+        fit(fresh_model(), UpdateSparsityMonitor(atol=1e-46), tmp_path, max_steps=1)
+    fit(fresh_model().double(), UpdateSparsityMonitor(atol=1e-46), tmp_path, max_steps=1)  # float64 resolves it
+
+
 class TwoOptimizers(pl.LightningModule):
     """Manual optimization with two optimizers: each batch makes two ``opt.step()``, so ``global_step`` moves by 2."""
 
@@ -504,7 +510,6 @@ def test_disk_full_while_writing_masks_is_a_clear_error_without_partial_files(tm
         ({"every_n_steps": 2.0}, "every_n_steps"),
         ({"atol": -1e-5}, r"atol must be a finite number >= 0 \(0 = bit-exact\), got -1e-05"),
         ({"atol": float("nan")}, "atol"),
-        ({"atol": 1e-46}, r"atol=1e-46 rounds to 0 in float32"),
         ({"compare_as": "float16"}, r"compare_as must be one of \(None, 'bfloat16'\), got 'float16'"),
         ({"compare_as": "bf16"}, "compare_as"),
         ({"rank_every_n_checks": -1}, "rank_every_n_checks must be an integer >= 0"),

@@ -126,10 +126,12 @@ def test_a_token_schedule_that_ends_well_before_max_steps_is_warned_about(recwar
     def wsd(steps):
         return lambda opt: WSDScheduler(opt, warmup=0, total=steps * step_tokens, decay=step_tokens, units="tokens")
 
-    with pytest.warns(UserWarning, match=r"WSDScheduler reaches its floor at 96 tokens, after about 3 of max_steps=8"):
+    with pytest.warns(UserWarning, match=r"reaches its floor at 96 tokens, after about 3 of the 8 optimizer steps"):
         trainer(8, callbacks=[TokenCounter()]).fit(ScheduledGPT(wsd(3)), ramp_batches([4] * 8))
     recwarn.clear()
     trainer(8, callbacks=[TokenCounter()]).fit(ScheduledGPT(wsd(8)), ramp_batches([4] * 8))
+    # max_epochs ends the fit first: max_steps is only a bound, not the planned length
+    trainer(1000, max_epochs=1, callbacks=[TokenCounter()]).fit(ScheduledGPT(wsd(8)), ramp_batches([4] * 8))
     assert not [w for w in recwarn if "reaches its floor" in str(w.message)]
 
 

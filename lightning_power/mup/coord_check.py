@@ -6,12 +6,12 @@ init (Tensor Programs V, arXiv:2203.03466, Sec. 5 and the ``mup`` README). The c
 fits the log-log slope of that size against width, per module and step. A slope near 0 is flat; under the standard
 parametrization (SP) slopes are clearly positive (activations blow up with width).
 
-Pass rule: every slope within ``+-tolerance``, and no mean ``|output|`` infinite, NaN or 0 (0 passes only at step 1, at
-every width: a zero-initialised layer). A width-scaling bug moves slopes by at least 0.5 (a factor
-``sqrt(width)``): SP's hidden activations start at +0.5 and reach +1 to +2 within 5 steps, and dropping muP's init
-rescale, readout multiplier or hidden-LR scaling each gives +0.5 or more. Correct muP is flat only up to finite-width
-effects; on the demo GPT at widths 32-256, Adam at LR 2^-6 and 3 seeds we measured slopes within +-0.36 by step 5
-(narrow models with 2-4 heads run hotter). Hence the default tolerance of 0.4.
+Pass rule: every slope within ``+-tolerance``, and no mean ``|output|`` infinite, NaN, or 0 at some widths but not
+others (0 at every width does not depend on width: a zero-initialised layer). A width-scaling bug moves slopes by at
+least 0.5 (a factor ``sqrt(width)``): SP's hidden activations start at +0.5 and reach +1 to +2 within 5 steps, and
+dropping muP's init rescale, readout multiplier or hidden-LR scaling each gives +0.5 or more. Correct muP is flat only
+up to finite-width effects; on the demo GPT at widths 32-256, Adam at LR 2^-6 and 3 seeds we measured slopes within
++-0.36 by step 5 (narrow models with 2-4 heads run hotter). Hence the default tolerance of 0.4.
 
 Modules a forward skips (stochastic depth, routing; an empty output counts as a skip): a module's value at a width and
 step is the mean over the seeds whose forward called it. Where no seed called it at some width, that step cannot be
@@ -82,7 +82,7 @@ class CoordCheckResult:
     did); ``slopes[module][t - 1]`` its least-squares slope of ``log2 l1`` on ``log2 width`` (NaN when a value is 0,
     infinite or NaN). ``readout_outputs`` are the modules allowed to shrink (the readouts, the modules that return a
     readout's output tensor, and the model output ``<output>``); ``failures`` lists every slope out of range and every
-    value that is infinite, NaN or 0 (0 passes only at step 1 at every width: a zero-initialised layer). A step at
+    value that is infinite, NaN, or 0 at some widths but not all (0 at every width: a zero-initialised layer). A step at
     which a module was not called at some width is not checked; :meth:`not_called` lists those.
     """
 
@@ -374,16 +374,18 @@ def _failure(
     """Why module ``name`` fails at step ``t`` (its mean |output| and number of calls per width, their slope), or
     ``None``.
 
-    An infinite or NaN value fails: the model blew up. So does 0, except at step 1 at every width where the module
-    was called (a zero-initialised layer, e.g. ``zero_init_readout``). The slope is not checked when the module was
-    not called at some width (its value there is NaN): :meth:`CoordCheckResult.not_called` reports that.
+    An infinite or NaN value fails: the model blew up. So does 0 at some widths but not others. 0 at every width where
+    the module was called passes: it does not depend on width (a zero-initialised layer, e.g. ``zero_init_readout``,
+    and a zero-initialised layer below it, which gets no gradient until the readout has moved). The slope is not checked
+    when the module was not called at some width (its value there is NaN): :meth:`CoordCheckResult.not_called` reports
+    that.
     """
     called = [v for v, count in zip(values, calls) if count]
     shown = ", ".join(f"{v:g}" if count else "not called" for v, count in zip(values, calls))
     if not all(map(math.isfinite, called)):
         return f"{name} t={t}: mean |output| is not finite ({shown} by width)"
     if any(v == 0 for v in called):
-        return None if t == 1 and not any(called) else f"{name} t={t}: mean |output| is 0 ({shown} by width)"
+        return None if not any(called) else f"{name} t={t}: mean |output| is 0 ({shown} by width)"
     if len(called) < len(values):
         return None
     low = -0.5 - tolerance if is_readout_output else -tolerance

@@ -36,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -347,7 +348,15 @@ class MuPPlan:
         :meth:`param_groups`) are kept as they are, provided they were built for ``family``; returns ``False`` when
         that is every group.
         """
-        family = detect_optimizer_family(optimizer) if family is None else _check_family(family)
+        recorded = {group.get("mup_family") for group in optimizer.param_groups}
+        if family is not None:
+            family = _check_family(family)
+        elif len(recorded) == 1 and None not in recorded:  # every group built by param_groups for one family
+            family = next(iter(recorded))
+            with contextlib.suppress(TypeError):  # an optimizer class muP does not know: trust the groups
+                family = detect_optimizer_family(optimizer)
+        else:
+            family = detect_optimizer_family(optimizer)
         other = sorted({group.get("mup_family", family) for group in optimizer.param_groups} - {family})
         if other:
             raise ValueError(

@@ -109,8 +109,6 @@ class UpdateSparsityMonitor(Callback):
             raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
         if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not (math.isfinite(atol) and atol >= 0):
             raise ValueError(f"atol must be a finite number >= 0 (0 = bit-exact), got {atol!r}")
-        if atol > 0 and counting.tolerance_value(atol, torch.float32) == 0:
-            raise ValueError(f"atol={atol!r} rounds to 0 in float32, where differences are taken; use 0 (bit-exact)")
         if compare_as not in COMPARE_AS_CHOICES:
             raise ValueError(f"compare_as must be one of {COMPARE_AS_CHOICES}, got {compare_as!r}")
         if isinstance(rank_every_n_checks, bool) or not isinstance(rank_every_n_checks, int) or rank_every_n_checks < 0:
@@ -165,6 +163,12 @@ class UpdateSparsityMonitor(Callback):
             since_last=self.since_last,
             snapshot_device=self._resolve_snapshot_device(layout),
         )
+        for group in self._checker.layout.groups:  # differences are taken in float32, or float64 for float64 values
+            if self.atol and counting.tolerance_value(self.atol, group.snapshot_dtype) == 0:
+                raise ValueError(
+                    f"atol={self.atol!r} rounds to 0 where the differences of {group.snapshot_dtype} values are taken; "
+                    "use 0 (bit-exact) or a larger atol"
+                )
         names = [part.name for part in layout.parts]
         self._layers = group_by_layer(names)
         clashes = sorted(set(self._layers) & set(RESERVED_KEYS))
