@@ -64,8 +64,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def use_atomic_checkpoint_io(strategy: strategies.Strategy) -> None:
     """Give ``strategy`` an :class:`AtomicCheckpointIO` where it has Lightning's default ``TorchCheckpointIO``: as its
     checkpoint IO, or inside a wrapper such as ``AsyncCheckpointIO``. A user's own checkpoint IO is left alone."""
-    io = strategy._checkpoint_io  # the property would put a default TorchCheckpointIO in place first
-    if io is None or type(io) is TorchCheckpointIO:
+    io = strategy._checkpoint_io  # the property would put a default TorchCheckpointIO in place in a wrapper
+    if io is None:
+        io = strategy.checkpoint_io  # the strategy's own default: TorchCheckpointIO, or XLA's for XLA strategies
+    if type(io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
     elif isinstance(io, _WrappingCheckpointIO) and (
         io.checkpoint_io is None or type(io.checkpoint_io) is TorchCheckpointIO

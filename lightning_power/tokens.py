@@ -173,7 +173,7 @@ class TokenCounter(Callback):
         if self._local_batches == 0:  # a second optimizer stepping on the same batch: its tokens are counted
             return
         step_tokens = _global_sum(self._local_tokens, trainer)
-        if step_tokens <= 0:
+        if step_tokens <= 0 and self._schedulers:
             raise ValueError(
                 f"TokenCounter counted {step_tokens} tokens in an optimizer step over all ranks (is every sequence "
                 "padding?); a token schedule cannot advance by 0 tokens. Drop empty batches, or pass count_fn"
@@ -196,8 +196,10 @@ class TokenCounter(Callback):
     def _warn_if_a_schedule_ends_early(self, trainer: pl.Trainer) -> None:
         """At the first step of a fit: warn when a token schedule would reach its floor well before the fit ends, at
         this step's tokens (e.g. a recipe's token settings kept while devices multiply the global batch)."""
+        if not trainer.lightning_module.automatic_optimization:  # max_steps counts every optimizer's steps there
+            return
         total_steps = trainer.estimated_stepping_batches  # what max_steps, max_epochs and the data allow
-        if not math.isfinite(total_steps):
+        if not math.isfinite(total_steps) or total_steps < 0:  # no end, or an iterable dataset without a length
             return
         done = trainer.fit_loop.epoch_loop._batches_that_stepped + 1  # this step included, as tokens_seen
         planned = self.tokens_seen + (total_steps - done) * self.step_tokens

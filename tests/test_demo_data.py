@@ -97,6 +97,18 @@ def test_resume_on_fewer_processes_with_the_same_global_batch_continues_at_the_n
     assert torch.equal(inputs, expected)
 
 
+def test_a_checkpoint_after_an_epochs_last_batch_resumes_at_the_next_epochs_start():
+    """DataLoader workers read the sampler as soon as the iterator exists, before Lightning sets the next epoch."""
+    corpus = ByteCorpus(**{**TINY_DATA, "batch_size": 8})
+    corpus.setup("fit")
+    batches_per_epoch = len(corpus.train_set) // 8
+    corpus.load_state_dict({"epoch": 2, "batches": batches_per_epoch, "batch_size": 8, "world_size": 1})
+    sampler = corpus.train_dataloader().sampler
+    fresh = ResumableShuffleSampler(corpus.train_set, num_replicas=1, rank=0, seed=0)
+    fresh.set_epoch(3)
+    assert sampler.epoch == 3 and list(sampler) == list(fresh)
+
+
 @pytest.mark.parametrize(("batch_size", "world_size"), [(4, 1), (8, 2)])
 def test_resume_with_another_global_batch_is_refused(batch_size, world_size):
     corpus = ByteCorpus(**{**TINY_DATA, "batch_size": 8})

@@ -215,6 +215,40 @@ def test_own_param_groups_must_match_the_optimizer_and_are_audited_as_built(tmp_
         fit(model, mup_callback(), max_steps=1)
 
 
+class SGDUnknownToMuP(torch.optim.Optimizer):  # a third-party optimizer: muP cannot tell its family
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            for group in self.param_groups:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        param.add_(param.grad, alpha=-group["lr"])
+        return loss
+
+
+class OwnGroupsUnknownOptimizerGPT(GPT):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        plan = next(cb for cb in self.trainer.callbacks if isinstance(cb, MuP)).plan
+        return SGDUnknownToMuP(plan.param_groups(self, lr=0.1, optimizer="sgd"))
+
+
+def test_own_param_groups_are_trusted_for_an_optimizer_class_mup_does_not_know() -> None:
+    torch.manual_seed(0)
+    _, trainer = fit(OwnGroupsUnknownOptimizerGPT(width=WIDTH, **ARGS), mup_callback(), max_steps=1)
+    assert {g["mup_family"] for g in trainer.optimizers[0].param_groups} == {"sgd"}
+    with pytest.raises(TypeError, match="optimizer_family"):  # its own groups would need the family named
+        torch.manual_seed(0)
+        model = GPT(width=WIDTH, **ARGS)
+        model.configure_optimizers = lambda: SGDUnknownToMuP(model.parameters())
+        fit(model, mup_callback(), max_steps=1)
+
+
 def test_resume_with_another_base_or_without_mup_state_fails(tmp_path: Path) -> None:
     _, trainer = fit(make_gpt(), mup_callback(), max_steps=1)
     trainer.save_checkpoint(tmp_path / "mup.ckpt")

@@ -408,6 +408,8 @@ def test_param_groups_of_another_family_are_refused(model: Net, plan: MuPPlan) -
     with pytest.raises(TypeError, match="optimizer_family"):
         plan.regroup(UnknownToMuP(model.parameters()), model)
     assert not plan.regroup(UnknownToMuP(plan.param_groups(model, lr=0.1, optimizer="adam")), model)  # groups say
+    with pytest.raises(TypeError, match=r"RMS\(param\)"):  # but a known misfit stays refused
+        plan.regroup(torch.optim.Adafactor(plan.param_groups(model, lr=0.1, optimizer="adam")), model)
 
 
 @pytest.mark.parametrize("floor", ["CosineAnnealingLR", "CosineAnnealingWarmRestarts", "SequentialLR"])

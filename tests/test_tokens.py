@@ -118,6 +118,10 @@ def test_a_step_without_tokens_names_the_cause():
     model = MaskedGPT(lambda opt: WSDScheduler(opt, warmup=100, total=1000, decay=0, units="tokens"))
     with pytest.raises(ValueError, match="counted 0 tokens in an optimizer step .* every sequence padding"):
         trainer(1, callbacks=[TokenCounter()]).fit(model, DataLoader([empty], batch_size=None))
+    counter = TokenCounter()  # without a token schedule, a step of 0 tokens is only counted
+    plain = MaskedGPT(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0))
+    trainer(1, callbacks=[counter]).fit(plain, DataLoader([empty], batch_size=None))
+    assert counter.tokens_seen == 0
 
 
 def test_a_token_schedule_that_ends_well_before_max_steps_is_warned_about(recwarn):

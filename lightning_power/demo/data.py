@@ -200,7 +200,10 @@ class ByteCorpus(pl.LightningDataModule):
         sampler = ResumableShuffleSampler(self.train_set, world_size, rank, self.hparams.seed)
         if self._resume:
             self._check_resumable(world_size)
-            sampler.resume_at(self._resume["epoch"], self._resume["batches"] * self.batch_size)
+            epoch, batches = self._resume["epoch"], self._resume["batches"]
+            if batches >= sampler.num_samples // self.batch_size:  # saved after the epoch's last batch: the next one
+                epoch, batches = epoch + 1, 0
+            sampler.resume_at(epoch, batches * self.batch_size)
         return self._loader(self.train_set, sampler)
 
     def val_dataloader(self) -> DataLoader:

@@ -22,7 +22,6 @@ from lightning_power.mup.plan import (
     MuPPlan,
     OptimizerFamily,
     _unique_named_parameters,
-    detect_optimizer_family,
 )
 
 TABLE_FILENAME = "mup_params.csv"
@@ -251,11 +250,11 @@ class _RegroupingConfigureOptimizers:
         optimizers, schedulers = _optimizers_and_schedulers(result)
         names = {id(p): name for name, p in _unique_named_parameters(self.module)}
         for optimizer in optimizers:
-            family = self.family or detect_optimizer_family(optimizer)
-            self.plan.regroup(optimizer, self.module, family, schedulers)
+            self.plan.regroup(optimizer, self.module, self.family, schedulers)
             for group in optimizer.param_groups:
+                factors = (group["mup_family"], group["mup_lr_factor"], group["mup_wd_factor"])
                 for param in group["params"]:
-                    self.applied[names[id(param)]] = (family, group["mup_lr_factor"], group["mup_wd_factor"])
+                    self.applied[names[id(param)]] = factors
         return result
 
 

@@ -353,7 +353,7 @@ class MuPPlan:
             family = _check_family(family)
         elif len(recorded) == 1 and None not in recorded:  # every group built by param_groups for one family
             family = next(iter(recorded))
-            with contextlib.suppress(TypeError):  # an optimizer class muP does not know: trust the groups
+            with contextlib.suppress(UnknownOptimizerFamily):  # a class muP does not know: trust the groups
                 family = detect_optimizer_family(optimizer)
         else:
             family = detect_optimizer_family(optimizer)
@@ -510,6 +510,10 @@ class MuPPlan:
         return rows
 
 
+class UnknownOptimizerFamily(TypeError):
+    """An optimizer class whose muP rules :func:`detect_optimizer_family` cannot tell."""
+
+
 def detect_optimizer_family(optimizer: torch.optim.Optimizer | type[torch.optim.Optimizer]) -> OptimizerFamily:
     """``"adam"`` for entrywise-normalised optimizers (Adam, AdamW, RMSprop, Adagrad, ...), ``"sgd"`` for SGD, ASGD.
 
@@ -526,7 +530,7 @@ def detect_optimizer_family(optimizer: torch.optim.Optimizer | type[torch.optim.
             f"{cls.__qualname__} scales each update by RMS(param), so neither muP family's LR rule fits it: 'adam' "
             "would shrink hidden-layer updates like m^-3/2 instead of 1/m. Use an Adam-like or SGD-like optimizer"
         )
-    raise TypeError(
+    raise UnknownOptimizerFamily(
         f"cannot tell whether {cls.__qualname__} is Adam-like or SGD-like for muP; pass "
         "optimizer_family='adam' (entrywise-normalised updates) or 'sgd' (updates proportional to the gradient)"
     )
