@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import zipfile
 
 import numpy as np
 import pytest
@@ -131,6 +132,24 @@ def test_not_a_masks_file(tmp_path):
     for name in ("plain.npz", "text.npz", "missing.npz"):
         with pytest.raises(ValueError, match="is not an update-masks file"):
             MaskFile.open(tmp_path / name)
+
+
+def test_a_damaged_masks_file_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    write_masks_file(tmp_path / "a.npz", {"w": mask((64,), [1, 5]), "v": mask((8,), [0])})
+    with zipfile.ZipFile(tmp_path / "a.npz") as archive:  # the same archive, one listed parameter left out
+        entries = {info.filename: archive.read(info) for info in archive.infolist()}
+    with zipfile.ZipFile(tmp_path / "missing.npz", "w") as archive:
+        for name, data in entries.items():
+            if name != "v.npy":
+                archive.writestr(name, data)
+    with pytest.raises(ValueError, match=r"is damaged: its metadata lists parameters it does not hold: \['v'\]"):
+        MaskFile.open(tmp_path / "missing.npz")
+    damaged = bytearray((tmp_path / "a.npz").read_bytes())
+    start = damaged.find(b"w.npy") + len(b"w.npy")  # inside w's local entry: flip a data byte, the CRC no longer fits
+    damaged[start + 100] ^= 0xFF
+    (tmp_path / "crc.npz").write_bytes(bytes(damaged))
+    assert main([str(tmp_path / "crc.npz"), str(tmp_path / "a.npz")]) == 2
+    assert "is damaged: cannot read 'w'" in capsys.readouterr().err
 
 
 def test_different_settings_warn(tmp_path):

@@ -125,14 +125,21 @@ class MaskFile:
     @classmethod
     def open(cls, path: str | os.PathLike) -> MaskFile:
         path = Path(path)
+        if path.is_file() and not zipfile.is_zipfile(path):
+            raise ValueError(f"{str(path)!r} is not an update-masks file: not an .npz (zip) archive")
         try:
             archive = np.load(path, allow_pickle=False)
             metadata = json.loads(bytes(archive[METADATA]))
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
             raise ValueError(f"{str(path)!r} is not an update-masks file: {error}") from error
+        if not isinstance(metadata, dict):
+            raise ValueError(f"{str(path)!r} is not an update-masks file: its metadata is not a JSON object")
         if metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
             found = f"format {metadata.get('format')!r} version {metadata.get('version')!r}"
             raise ValueError(f"{str(path)!r} has {found}; expected {FORMAT!r} version {VERSION}")
+        missing = [p["name"] for p in metadata.get("parameters", []) if p["name"] not in archive.files]
+        if missing:
+            raise ValueError(f"{str(path)!r} is damaged: its metadata lists parameters it does not hold: {missing[:5]}")
         return cls(path, metadata, archive)
 
     @property
@@ -140,7 +147,10 @@ class MaskFile:
         return self.metadata["parameters"]
 
     def packed(self, name: str) -> np.ndarray:
-        return self.archive[name]
+        try:
+            return self.archive[name]
+        except (OSError, ValueError, zipfile.BadZipFile) as error:  # a damaged entry (bad CRC, truncated data)
+            raise ValueError(f"{str(self.path)!r} is damaged: cannot read {name!r}: {error}") from error
 
     def unpacked(self, name: str) -> np.ndarray:
         """The boolean mask of parameter ``name`` in its shape."""
