@@ -91,6 +91,19 @@ class TokenScheduler(LRScheduler):
         self.batch_tokens = tokens
         self._apply_lr()
 
+    def uncount_last_step(self) -> None:
+        """Count the last ``step()`` as 0 tokens, and apply the LR that follows.
+
+        Lightning steps a step-interval scheduler also after a batch that the module skipped by returning -1 from
+        ``on_train_batch_start``, which trained nothing. :class:`~lightning_power.tokens.TokenCounter` calls this then.
+        """
+        if self.last_epoch <= self.steps_counted:
+            return
+        if self.batch_tokens is not None:
+            self.tokens_counted += (self.last_epoch - 1 - self.steps_counted) * self.batch_tokens
+        self.steps_counted = self.last_epoch
+        self._apply_lr()
+
     def _apply_lr(self) -> None:
         """Write the LRs of step ``last_epoch`` into the optimizer, as ``step()`` does, without advancing."""
         values = self.get_lr()

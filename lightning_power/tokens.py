@@ -128,6 +128,7 @@ class TokenCounter(Callback):
         self.step_tokens = 0
         self._local_tokens: int | torch.Tensor = 0
         self._local_batches = 0
+        self._open_batch_tokens: int | torch.Tensor | None = None  # counted in on_train_batch_start, not yet ended
         self._horizon_checked = False
         self._schedulers: list[TokenScheduler] = []
 
@@ -145,6 +146,7 @@ class TokenCounter(Callback):
                 )
             self._schedulers.append(config.scheduler)
         self._local_tokens, self._local_batches = 0, 0
+        self._open_batch_tokens = None
         self._horizon_checked = False
 
     @override
@@ -157,6 +159,7 @@ class TokenCounter(Callback):
             tokens = count_tokens(batch, mask_key=self.mask_key, tokens_key=self.tokens_key)
         self._local_tokens = self._local_tokens + tokens
         self._local_batches += 1
+        self._open_batch_tokens = tokens
         unmeasured = [scheduler for scheduler in self._schedulers if scheduler.batch_tokens is None]
         if unmeasured and self._local_batches == 1:
             # Before the first measured step a scheduler has no batch size to predict its LR from (what
@@ -165,6 +168,27 @@ class TokenCounter(Callback):
             for scheduler in unmeasured:
                 if estimate > 0:
                     scheduler.set_step_tokens(estimate)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._open_batch_tokens = None
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._open_batch_tokens is None:
+            return
+        # The module ended the epoch by returning -1 from on_train_batch_start: that batch never trained.
+        self._local_tokens = self._local_tokens - self._open_batch_tokens
+        self._local_batches -= 1
+        self._open_batch_tokens = None
+        if pl_module.automatic_optimization:
+            # Lightning still stepped every step-interval scheduler once, and zeroes the gradients of an accumulation
+            # window the skip cut short when the next epoch starts: neither that step nor the window trained.
+            self._local_tokens, self._local_batches = 0, 0
+            for scheduler in self._schedulers:
+                scheduler.uncount_last_step()
 
     @override
     def on_before_optimizer_step(

@@ -83,6 +83,38 @@ def test_power_follows_a_batch_ramp_across_gradient_accumulation(tmp_path):
     assert metrics["tokens/step"] == list(enumerate(step_tokens))
 
 
+class SkipsRestOfFirstEpoch(ScheduledGPT):
+    """Ends epoch 0 at batch ``skip_at`` by returning -1 from ``on_train_batch_start``: that batch never trains."""
+
+    def __init__(self, make_scheduler, skip_at: int) -> None:
+        super().__init__(make_scheduler)
+        self.skip_at = skip_at
+
+    def on_train_batch_start(self, batch, batch_idx):
+        return -1 if self.current_epoch == 0 and batch_idx == self.skip_at else None
+
+
+@pytest.mark.parametrize(
+    ("skip_at", "accumulate", "stepped"),
+    [
+        (2, 1, [2, 3] + [2, 3, 5, 7]),  # epoch 0 stops before its batch of 5; epoch 1 trains all four
+        (0, 1, [2, 3, 5, 7]),  # before the first step: the first measured step comes in epoch 1
+        (3, 2, [2 + 3] + [2 + 3, 5 + 7]),  # cuts a window short: Lightning zeroes the batch of 5's gradients
+    ],
+)
+def test_batches_the_module_skips_with_minus_one_are_not_counted(skip_at, accumulate, stepped):
+    counter = TokenCounter()
+    model = SkipsRestOfFirstEpoch(power, skip_at)
+    fit_trainer = trainer(len(stepped), callbacks=[counter], max_epochs=2, accumulate_grad_batches=accumulate)
+    fit_trainer.fit(model, ramp_batches([2, 3, 5, 7]))
+    assert fit_trainer.global_step == len(stepped)
+    seen = list(itertools.accumulate(size * CONTEXT for size in stepped))
+    assert counter.tokens_seen == seen[-1]
+    # Lightning also stepped the scheduler at the skipped batch; that step must not count tokens either.
+    expected = [reference_power(n, size * CONTEXT, 0.02, warmup=40) for n, size in zip(seen, stepped)]
+    assert model.used_lrs == pytest.approx(expected, rel=1e-12)
+
+
 class TwoOptimizers(pl.LightningModule):
     """Manual optimization with two optimizers: each ``step()`` adds one to ``trainer.global_step``."""
 
