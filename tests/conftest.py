@@ -13,6 +13,17 @@ def _isolated_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture
+def in_process_group():
+    """A 1-process fit under FSDP sets up a process group and rendezvous variables (MASTER_PORT ...): remove them."""
+    environment = set(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for variable in set(os.environ) - environment:
+        del os.environ[variable]
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,6 +1,7 @@
 """``lightning_power.calibrate`` against ground truth: synthetic sweeps built from known a, b recover them."""
 
 import csv
+import dataclasses
 import json
 import math
 import re
@@ -15,6 +16,7 @@ from lightning_power.calibrate import (
     SweepRun,
     cell_optima,
     fit_power_law,
+    format_fit,
     main,
     optimal_log2_lr,
     read_runs,
@@ -295,3 +297,148 @@ def test_a_law_whose_lr_grows_with_tokens_gives_no_scheduler(tmp_path, capsys):
     assert main([str(path)]) == 1
     captured = capsys.readouterr()
     assert "b = 0.3000" in captured.out and "no PowerScheduler YAML" in captured.err
+
+
+def write_csv(path, runs):
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["batch_tokens", "tokens", "lr", "loss"])
+        writer.writerows([r.batch_tokens, r.tokens, r.lr, r.loss] for r in runs)
+    return path
+
+
+def noisy_optima(seed=1, sigma=0.2, batch_exponent=0.7):
+    rng = np.random.default_rng(seed)
+    return [
+        CellOptimum(
+            batch,
+            tokens,
+            2.0 ** true_log2_lr(batch, tokens, batch_exponent=batch_exponent) * math.exp(sigma * rng.standard_normal()),
+            True,
+        )
+        for batch in BATCHES
+        for tokens in TOKENS
+    ]
+
+
+def ordinary_least_squares(columns, target):
+    design = np.column_stack(columns)
+    coef = np.linalg.solve(design.T @ design, design.T @ target)
+    variance = np.sum((target - design @ coef) ** 2) / (len(target) - design.shape[1])
+    return coef, variance * np.linalg.inv(design.T @ design), math.sqrt(variance)
+
+
+def test_standard_errors_on_noisy_cells_are_those_of_ordinary_least_squares():
+    optima = noisy_optima()
+    ones = np.ones(len(optima))
+    log_beta = np.log([c.batch_tokens / 4096 for c in optima])
+    log_t = np.log([c.tokens for c in optima])
+    log_lr = np.log([c.lr for c in optima])
+    free_coef, free_cov, free_std = ordinary_least_squares([ones, log_beta, log_t], log_lr)
+    coef, cov, std = ordinary_least_squares([ones, log_t], log_lr - log_beta)  # p = 1
+
+    fixed = fit_power_law(optima)
+    assert fixed.a == pytest.approx(math.exp(coef[0]), rel=1e-9) and fixed.b == pytest.approx(coef[1], rel=1e-9)
+    assert fixed.log_a_stderr == pytest.approx(math.sqrt(cov[0, 0]), rel=1e-9)
+    assert fixed.a_stderr == pytest.approx(fixed.a * math.sqrt(cov[0, 0]), rel=1e-9)
+    assert fixed.b_stderr == pytest.approx(math.sqrt(cov[1, 1]), rel=1e-9)
+    assert np.array(fixed.covariance) == pytest.approx(cov, rel=1e-9)
+    assert fixed.residual_std == pytest.approx(std, rel=1e-9)
+    assert fixed.free_batch_exponent == pytest.approx(free_coef[1], rel=1e-9)
+    assert fixed.free_batch_exponent_stderr == pytest.approx(math.sqrt(free_cov[1, 1]), rel=1e-9)
+    assert fixed.to_dict()["a_stderr"] == pytest.approx(fixed.a * math.sqrt(cov[0, 0]), rel=1e-9)
+
+    fitted = fit_power_law(optima, batch_exponent=None)  # p fitted: (ln a, b) out of (ln a, p, b)
+    assert fitted.a == pytest.approx(math.exp(free_coef[0]), rel=1e-9)
+    assert fitted.b == pytest.approx(free_coef[2], rel=1e-9)
+    assert fitted.batch_exponent == pytest.approx(free_coef[1], rel=1e-9)
+    assert fitted.batch_exponent_stderr == pytest.approx(math.sqrt(free_cov[1, 1]), rel=1e-9)
+    assert fitted.log_a_stderr == pytest.approx(math.sqrt(free_cov[0, 0]), rel=1e-9)
+    assert fitted.a_stderr == pytest.approx(fitted.a * math.sqrt(free_cov[0, 0]), rel=1e-9)
+    assert fitted.b_stderr == pytest.approx(math.sqrt(free_cov[2, 2]), rel=1e-9)
+    assert np.array(fitted.covariance) == pytest.approx(free_cov[np.ix_([0, 2], [0, 2])], rel=1e-9)
+    assert fitted.residual_std == pytest.approx(free_std, rel=1e-9)
+
+
+def test_the_free_batch_exponent_needs_four_cells_and_one_degree_of_freedom():
+    law = lambda batch, tokens: batch / 4096 * A * tokens**B
+    three = [CellOptimum(b, t, law(b, t), True) for b, t in ((4096, 1e6), (4096, 4e6), (8192, 1e6))]
+    fit = fit_power_law(three)  # 3 cells: a and b fit, p would have no degree of freedom left
+    assert fit.a == pytest.approx(A, rel=1e-9)
+    assert fit.free_batch_exponent is None and fit.free_batch_exponent_stderr is None
+    with pytest.raises(ValueError, match="got 3 interior cells over 2 batch size"):
+        fit_power_law(three, batch_exponent=None)
+    # a 2 x 2 design whose 4th cell is 10 % off the law: the interaction is the one residual, so by hand
+    # p = 1 + ln(1.1) / (2 ln 2) and its standard error is ln(1.1) / (2 ln 2)
+    four = [*three, CellOptimum(8192, 4e6, 1.1 * law(8192, 4e6), True)]
+    half_interaction = math.log(1.1) / (2 * math.log(2))
+    for fit in (fit_power_law(four), fit_power_law(four, batch_exponent=None)):
+        assert fit.free_batch_exponent == pytest.approx(1 + half_interaction, rel=1e-9)
+        assert fit.free_batch_exponent_stderr == pytest.approx(half_interaction, rel=1e-9)
+
+
+@pytest.mark.parametrize("decay_fraction", [-0.1, 1.5])
+def test_a_decay_fraction_outside_zero_to_one_is_refused(decay_fraction):
+    fit = fit_power_law(cell_optima(synthetic_sweep()))
+    with pytest.raises(ValueError, match=r"decay_fraction must be in \[0, 1\], got " + str(decay_fraction)):
+        fit.scheduler_yaml(lr_max=0.01, total_tokens=10**9, decay_fraction=decay_fraction)
+
+
+def test_an_empty_loss_cell_in_a_csv_is_a_diverged_run(tmp_path, capsys):
+    path = tmp_path / "runs.csv"
+    path.write_text("batch_tokens,tokens,lr,loss\n4096,1e6,0.02,2.0\n4096,1e6,0.04,\n")
+    assert read_runs(path) == [SweepRun(4096, 1e6, 0.02, 2.0), SweepRun(4096, 1e6, 0.04, math.inf)]
+    # a sweep with a diverged run at a too-large LR still calibrates
+    write_csv(path, synthetic_sweep())
+    with path.open("a") as file:
+        file.write(f"{BATCHES[0]},{TOKENS[0]},4.0,\n")
+    assert main([str(path)]) == 0
+    assert "a = 4.6 +- " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("batch_tokens", 0), ("batch_tokens", -4096), ("tokens", 0), ("tokens", -1e6)]
+)
+def test_a_run_with_a_non_positive_batch_or_budget_is_refused(tmp_path, capsys, field, value):
+    runs = synthetic_sweep()
+    runs[5] = dataclasses.replace(runs[5], **{field: value})
+    with pytest.raises(ValueError, match=f"{field} must be > 0, got {value}"):
+        cell_optima(runs)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(write_csv(tmp_path / "runs.csv", runs))])
+    assert exit_info.value.code == 2 and f"{field} must be > 0" in capsys.readouterr().err
+
+
+def test_command_line_flags_reach_the_yaml_and_the_scheduler(tmp_path, capsys):
+    path = write_csv(tmp_path / "runs.csv", synthetic_sweep())
+    argv = [str(path), "--tokens-per-step", "8192", "--reference-sequence-length", "2048"]
+    assert main([*argv, "--lr-max", "0.005", "--warmup-tokens", "81920"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    init_args = config["lr_scheduler"]["init_args"]
+    assert init_args["lr_max"] == 0.005 and config["optimizer"]["init_args"]["lr"] == 0.005
+    assert init_args["warmup_tokens"] == 81920
+    # beta counted in 2048-token sequences doubles, so a halves: the law in tokens is the same
+    assert init_args["reference_sequence_length"] == 2048 and init_args["a"] == pytest.approx(A / 2, rel=1e-5)
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), **config["optimizer"]["init_args"])
+    scheduler = PowerScheduler(optimizer, **init_args)
+    for _ in range(999):
+        optimizer.step()
+        scheduler.step()
+    # step 1000, after the 10-step warmup: 8192 tokens per step are beta = 2 sequences of 4096, LR = 2 * 4.6 * n^b
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2 * A * (1000 * 8192) ** B, rel=1e-5)
+    assert main(argv) == 0  # without the flags: the largest optimal LR, no warmup
+    init_args = yaml.safe_load(capsys.readouterr().out)["lr_scheduler"]["init_args"]
+    assert init_args["warmup_tokens"] == 0
+    assert init_args["lr_max"] == pytest.approx(
+        max(2.0 ** true_log2_lr(b, t) for b in BATCHES for t in TOKENS), rel=1e-5
+    )
+
+
+def test_the_table_divides_eta_opt_by_beta_to_the_fitted_power():
+    fit = fit_power_law(cell_optima(synthetic_sweep(batch_exponent=0.5)), batch_exponent=0.5)
+    table = format_fit(fit)
+    assert "eta_opt/beta^0.50" in table.splitlines()[0]
+    rows = [line.split() for line in table.splitlines() if line.endswith("yes")]
+    assert len(rows) == len(BATCHES) * len(TOKENS)
+    for _, _, tokens, _, gamma, _ in rows:  # eta_opt / beta^0.5 = a T^b, whatever the batch
+        assert float(gamma) == pytest.approx(A * float(tokens) ** B, rel=1e-3)

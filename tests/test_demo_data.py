@@ -1,13 +1,15 @@
 import sysconfig
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_power.demo import ByteCorpus
+from lightning_power.demo import GPT, ByteCorpus
 from lightning_power.demo import data as data_module
 from lightning_power.demo.data import ByteWindows, ResumableShuffleSampler, read_split, stdlib_source_files
-from tests.helpers.tiny import TINY_DATA
+from tests.helpers.tiny import TINY_DATA, TINY_MODEL
 
 
 def _first_batches(corpus, n=3):
@@ -138,3 +140,104 @@ def test_a_file_larger_than_the_whole_file_limit_is_read_only_as_far_as_needed(t
     early_nul.write_bytes(b"x" * 10 + b"\x00" + b"y" * 989)
     assert read_split([late_nul], budget=50, seed=0) == b"x" * 50
     assert read_split([early_nul], budget=50, seed=0) == b""  # a NUL in the part read: binary, skipped
+
+
+def test_every_epoch_draws_a_new_order():
+    sampler = ResumableShuffleSampler(ByteWindows(bytes(range(256)) * 8, context_length=4), 1, 0, seed=3)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert first != second and sorted(first) == sorted(second)
+
+
+@pytest.mark.parametrize(("size", "windows"), [(64, 3), (65, 4), (16, 0), (17, 1)])
+def test_every_window_has_a_full_context_of_inputs_and_targets(size, windows):
+    dataset = ByteWindows(bytes(range(size)), context_length=16)
+    assert len(dataset) == windows
+    assert all(x.shape == y.shape == (16,) for x, y in (dataset[i] for i in range(len(dataset))))
+
+
+def test_ranks_take_equally_many_distinct_samples_from_an_uneven_dataset():
+    dataset = ByteWindows(bytes(7 * 4 + 1), context_length=4)  # 7 windows over 2 ranks
+    samplers = [ResumableShuffleSampler(dataset, num_replicas=2, rank=r, seed=0) for r in (0, 1)]
+    drawn = [list(sampler) for sampler in samplers]
+    assert [len(d) for d in drawn] == [len(s) for s in samplers] == [3, 3]
+    assert not set(drawn[0]) & set(drawn[1])
+
+
+def test_too_little_text_for_one_batch_is_an_error(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_bytes(b"a line of text\n" * 20)  # 150 train bytes: 9 windows of 16
+    with pytest.raises(ValueError, match="holds too little text .* for batch_size=10 windows of context_length=16"):
+        ByteCorpus(str(book), context_length=16, batch_size=10, val_every=2).setup("fit")
+    ByteCorpus(str(book), context_length=16, batch_size=9, val_every=2).setup("fit")
+
+
+def test_max_val_bytes_caps_the_validation_part_of_a_single_file(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_bytes(b"a line of text\n" * 1_000)
+    corpus = ByteCorpus(str(book), context_length=16, batch_size=2, max_bytes=8_000, max_val_bytes=100, val_every=2)
+    corpus.setup("fit")
+    assert len(corpus.val_set.data) == 100 and len(corpus.train_set.data) == 8_000
+
+
+def test_a_small_budget_is_spread_over_the_corpus_not_its_first_files(tmp_path):
+    files = []
+    for i in range(20):
+        files.append(tmp_path / f"f{i:02}.txt")
+        files[-1].write_bytes(bytes([65 + i]) * 100)
+    read = set()
+    for seed in range(3):
+        read |= set(read_split(files, budget=300, seed=seed)) - {ord("\n")}
+    assert len(read) >= 6 and read != {65, 66, 67}
+
+
+def test_a_small_file_with_a_nul_past_the_budget_is_skipped_as_binary(tmp_path):
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"x" * 900 + b"\x00" + b"y" * 99)
+    assert read_split([blob], budget=50, seed=0) == b""
+
+
+def test_a_budget_filled_exactly_by_a_file_ends_the_read(tmp_path):
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_bytes(name[0].encode() * 100)
+    assert read_split(sorted(tmp_path.iterdir()), budget=100, seed=0) in (b"a" * 100, b"b" * 100)
+
+
+@pytest.mark.parametrize("name", ["batch_size", "max_bytes", "max_val_bytes"])
+def test_a_zero_size_is_refused(name):
+    with pytest.raises(ValueError, match=rf"{name} must be > 0, got 0"):
+        ByteCorpus(**{name: 0})
+
+
+@pytest.mark.parametrize("val_every", [0, 1])
+def test_val_every_below_2_is_refused(val_every):
+    with pytest.raises(ValueError, match=rf"val_every must be >= 2, got {val_every}"):
+        ByteCorpus(val_every=val_every)
+
+
+def test_setup_reads_the_corpus_once(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_bytes(b"a line of text\n" * 100)
+    corpus = ByteCorpus(str(book), context_length=16, batch_size=2)
+    corpus.setup("fit")
+    train = corpus.train_set
+    book.write_bytes(b"other text\n" * 100)  # a later validate or test keeps the split the fit used
+    corpus.setup("validate")
+    assert corpus.train_set is train
+    assert b"other" not in bytes(corpus.train_set.data.tolist()) + bytes(corpus.val_set.data.tolist())
+
+
+def test_a_checkpoint_saved_after_a_step_records_that_steps_batch_as_consumed(tmp_path):
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(tmp_path, every_n_train_steps=2, save_top_k=-1)],
+    )
+    trainer.fit(GPT(**TINY_MODEL), ByteCorpus(**TINY_DATA))
+    saved = torch.load(tmp_path / "epoch=0-step=2.ckpt", weights_only=False)["ByteCorpus"]
+    assert saved == {"epoch": 0, "batches": 2, "batch_size": 8, "world_size": 1}  # resumes at the 3rd batch

@@ -1,7 +1,5 @@
 """2-process CPU (gloo) fits through the console script with the shipped strategy configs: DDP, FSDP1, FSDP2."""
 
-import os
-
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -33,17 +31,6 @@ def test_two_process_fit_trains(strategy, tmp_path):
     # The optimizer holds the parameters the strategy trains (not stale pre-sharding copies): the loss falls.
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
     assert metrics["val/bpb"][-1][1] < 8.0
-
-
-@pytest.fixture
-def in_process_group():
-    """A 1-process fit under FSDP sets up a process group and rendezvous variables (MASTER_PORT ...): remove them."""
-    environment = set(os.environ)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    for variable in set(os.environ) - environment:
-        del os.environ[variable]
 
 
 def test_fsdp1_on_cpu_refuses_full_checkpoints_before_torch_2_14(monkeypatch, tmp_path, in_process_group):

@@ -23,6 +23,8 @@ def test_prints_the_step_law_optimum_and_a_matching_power_scheduler(capsys):
     assert init_args["tokens_per_step"] == 1105920
     assert init_args["total_tokens"] == 10**11 and init_args["decay_tokens"] == 10**10
     assert init_args["warmup_tokens"] == 10**9  # the paper's 1B-token warmup
+    # 1e11 / 1105920 = 90422.45 steps: the last, partial one is trained too
+    assert "# Train for 90423 optimizer steps of 1105920 tokens." in out
     assert (init_args["b"], init_args["lr_max"]) == (-0.51, 0.02)
     # the matching a: beta * a * D^b equals eta* at beta = 1105920 / 4096 = 270 sequences
     assert 270 * init_args["a"] * 1e11**-0.51 == pytest.approx(1.632e-3, rel=1e-3)
@@ -70,3 +72,29 @@ def test_bad_input_exits_with_a_usage_error(argv, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert "lightning-power recommend" in capsys.readouterr().err
+
+
+def test_beta_counts_4096_token_sequences_whatever_the_sequence_length(capsys):
+    out = recommend(capsys, "--params", "1e9", "--tokens", "1e11", "--sequence-length", "2048")
+    assert "1.108e+06 tokens -> 541 x 2048 = 1107968" in out
+    init_args = yaml.safe_load(out)["lr_scheduler"]["init_args"]
+    assert init_args["tokens_per_step"] == 1107968
+    # the scheduler (beta in 4096-token sequences by default), halfway through the stable phase, follows
+    # beta * a * n^b; extrapolated to n = D, that law is eta* = 1.632e-3
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=init_args["lr_max"])
+    scheduler = PowerScheduler(optimizer, **init_args)
+    steps = 5 * 10**10 // init_args["tokens_per_step"]
+    scheduler.last_epoch = steps - 1
+    tokens = steps * init_args["tokens_per_step"]
+    lr = scheduler.factor() * init_args["lr_max"]
+    assert lr * (1e11 / tokens) ** -0.51 == pytest.approx(1.632e-3, rel=1e-3)
+
+
+def test_a_budget_too_small_for_one_sequence_still_trains_one_per_step(capsys):
+    out = recommend(capsys, "--params", "1e6", "--tokens", "1e6")  # B* = 1547 tokens, under half a sequence
+    assert "1547 tokens -> 1 x 4096 = 4096" in out
+    init_args = yaml.safe_load(out)["lr_scheduler"]["init_args"]
+    assert init_args["tokens_per_step"] == 4096
+    assert "# Train for 245 optimizer steps of 4096 tokens." in out  # 1e6 / 4096 = 244.1
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=init_args["lr_max"])
+    PowerScheduler(optimizer, **init_args)

@@ -125,6 +125,7 @@ def test_power_without_tokens_fails_at_the_first_step_that_needs_them():
 def test_wsd_in_tokens_needs_reported_tokens():
     optimizer = sgd(1.0)
     scheduler = WSDScheduler(optimizer, warmup=100, total=1000, decay=100, units="tokens")
+    assert optimizer.param_groups[0]["lr"] == 0.0  # nothing known yet
     scheduler.set_step_tokens(25)
     assert optimizer.param_groups[0]["lr"] == 0.25
     optimizer.step()
@@ -134,6 +135,55 @@ def test_wsd_in_tokens_needs_reported_tokens():
     scheduler = WSDScheduler(optimizer, warmup=100, total=1000, decay=100, units="tokens")
     with pytest.raises(ValueError, match="TokenCounter"):
         scheduler.step()
+
+
+def test_uncount_last_step_counts_the_last_step_as_no_tokens_and_applies_the_lr():
+    optimizer = sgd(1.0)
+    scheduler = WSDScheduler(optimizer, warmup=100, total=1000, decay=0, units="tokens")
+    scheduler.set_step_tokens(10)
+    optimizer.step()
+    scheduler.step()
+    optimizer.step()
+    scheduler.step()  # a step that trained nothing
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.3)  # predicted: 30 tokens
+    scheduler.uncount_last_step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
+    assert scheduler.get_last_lr() == [optimizer.param_groups[0]["lr"]]
+    scheduler.uncount_last_step()  # no step since: nothing more to uncount
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
+
+
+def test_set_step_tokens_applies_the_lr_and_get_last_lr_reports_it():
+    optimizer = sgd(0.02, 0.005)
+    scheduler = PowerScheduler(optimizer, a=0.05, b=-0.5)
+    scheduler.set_step_tokens(4096 * 64)
+    expected = [reference_power(4096 * 64, 4096 * 64, base, a=0.05) for base in (0.02, 0.005)]
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx(expected, rel=1e-12)
+    assert scheduler.get_last_lr() == [group["lr"] for group in optimizer.param_groups]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda opt: PowerScheduler(opt, a=4.0, b=-0.5),
+        lambda opt: WSDScheduler(opt, warmup=0, total=10, decay=0, units="tokens"),
+    ],
+)
+@pytest.mark.parametrize("tokens", [0, -8])
+def test_set_step_tokens_refuses_a_step_without_tokens(make, tokens):
+    scheduler = make(sgd(0.02))
+    with pytest.raises(ValueError, match="^tokens must be > 0"):
+        scheduler.set_step_tokens(tokens)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda opt: PowerScheduler(opt, tokens_per_step=4096), lambda opt: WSDScheduler(opt, warmup=1, total=10, decay=2)],
+)
+def test_a_tensor_lr_is_refused(make):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=torch.tensor(0.02))
+    with pytest.raises(TypeError, match="needs float learning rates, param group 0 has a Tensor lr"):
+        make(optimizer)
 
 
 @pytest.mark.parametrize(
@@ -160,6 +210,20 @@ def test_bad_settings_fail_at_construction_naming_the_argument(make, argument):
 def test_lr_max_default_rejects_a_zero_optimizer_lr():
     with pytest.raises(ValueError, match="^lr_max"):
         PowerScheduler(sgd(0.0), tokens_per_step=4096)
+
+
+def test_an_explicit_lr_max_still_needs_a_positive_optimizer_lr():
+    with pytest.raises(ValueError, match="the optimizer's LR must be > 0, got 0.0"):
+        PowerScheduler(sgd(0.0), tokens_per_step=4096, lr_max=0.01)
+
+
+def test_power_counts_beta_in_sequences_of_the_reference_length():
+    optimizer = sgd(0.02)
+    PowerScheduler(optimizer, tokens_per_step=2048 * 64, a=0.05, b=-0.5, reference_sequence_length=2048)
+    # 64 sequences of 2048 tokens: beta = 64, as for 64 sequences of 4096 at the default reference
+    expected = 64 * 0.05 * (2048 * 64) ** -0.5
+    assert expected < 0.02
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("optimizer_lr", [0.003, 0.02, 0.1])
@@ -192,10 +256,23 @@ def test_muP_groups_built_before_the_scheduler_follow_the_law_times_their_factor
     optimizer = torch.optim.SGD(groups, lr=0.01)
     assert {g["mup_lr_factor"] for g in groups} == {4.0, 1.0}  # width_mult 4: the largest initial LR is 0.04
     tps = 4096 * 1024
-    PowerScheduler(optimizer, tokens_per_step=tps, a=4.0, b=-0.5)
-    eta = reference_power(tps, tps, 0.01, lr_max=0.01)
+    PowerScheduler(optimizer, tokens_per_step=tps, a=0.004, b=-0.5)
+    eta = reference_power(tps, tps, 0.01, lr_max=0.01, a=0.004)
+    assert eta < 0.01  # the law, below the cap: the reference LR divides it
     for group in optimizer.param_groups:
         assert group["lr"] == pytest.approx(eta * group["mup_lr_factor"], rel=1e-12)
+
+
+def test_a_scheduler_built_on_a_restored_optimizer_takes_its_reference_from_the_initial_lr():
+    settings = dict(tokens_per_step=4096, a=0.01, b=-0.5)  # 0.01 / sqrt(n): below lr_max = 0.02 from step 0
+    optimizer = sgd(0.02, 0.005)
+    scheduler = PowerScheduler(optimizer, **settings)
+    used_lrs(optimizer, scheduler, 3)
+    restored = sgd(0.02, 0.005)
+    restored.load_state_dict(optimizer.state_dict())  # its groups' lr: the LR of step 3, far below initial_lr
+    resumed = PowerScheduler(restored, **settings)
+    resumed.load_state_dict(scheduler.state_dict())
+    assert used_lrs(restored, resumed, 4) == used_lrs(optimizer, scheduler, 4)
 
 
 def test_lr_max_inf_follows_the_uncapped_law():
@@ -253,13 +330,22 @@ def test_resume_with_new_decay_settings_branches_a_decay():
 
 def test_resume_with_a_new_batch_keeps_the_tokens_already_seen():
     optimizer = sgd(0.02)
-    scheduler = PowerScheduler(optimizer, tokens_per_step=4096, a=4.0, b=-0.5)
+    scheduler = PowerScheduler(optimizer, tokens_per_step=4096, a=0.01, b=-0.5)
     used_lrs(optimizer, scheduler, 3)
     optimizer = sgd(0.02)
-    resumed = PowerScheduler(optimizer, tokens_per_step=16384, a=4.0, b=-0.5)
+    resumed = PowerScheduler(optimizer, tokens_per_step=16384, a=0.01, b=-0.5)
     resumed.load_state_dict(scheduler.state_dict())
-    expected = [[reference_power(3 * 4096 + (k + 1) * 16384, 16384, 0.02)] for k in range(4)]
+    expected = [[reference_power(3 * 4096 + (k + 1) * 16384, 16384, 0.02, a=0.01)] for k in range(4)]
+    assert max(flat(expected)) < 0.02  # the law, below the cap: n and beta both show
     assert flat(used_lrs(optimizer, resumed, 4)) == pytest.approx(flat(expected), rel=1e-12)
+
+
+def test_loading_another_schedulers_state_names_the_missing_counters():
+    optimizer = sgd(0.02)
+    other = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scheduler = PowerScheduler(sgd(0.02), tokens_per_step=4096)
+    with pytest.raises(KeyError, match=r"PowerScheduler state_dict lacks \['tokens_counted', 'steps_counted', "):
+        scheduler.load_state_dict(other.state_dict())
 
 
 # --- Lightning -------------------------------------------------------------------------------------------------------

@@ -38,6 +38,12 @@ def test_decay_shapes_by_hand(shape, at_half, at_quarter):
     assert decay_shape(0.25, shape) == pytest.approx(at_quarter, rel=1e-12)
 
 
+@pytest.mark.parametrize("u", [-0.1, 1.5])
+def test_decay_shape_refuses_progress_outside_0_1(u):
+    with pytest.raises(ValueError, match=r"^u must be in \[0, 1\], got"):
+        decay_shape(u, "linear")
+
+
 def test_power_paper_numbers():
     # cap binds until n* = (0.02 / (1024 * 4))^(1 / -0.51) = 2.596e10 tokens
     assert power_lr(2.5e10, batch_tokens=POWERLM_BATCH) == 0.02
@@ -50,6 +56,14 @@ def test_power_paper_numbers():
 def test_power_batch_size_enters_linearly_below_the_cap():
     small = power_lr(1e12, batch_tokens=POWERLM_BATCH // 4)
     assert small == pytest.approx(power_lr(1e12, batch_tokens=POWERLM_BATCH) / 4, rel=1e-12)
+
+
+def test_power_beta_counts_the_batch_in_sequences_of_the_reference_length():
+    # 512 sequences of 2048 tokens are beta = 512 at the default 4096, beta = 1024 at a 2048 reference
+    half_batch = POWERLM_BATCH // 2
+    short_reference = power_lr(1e12, batch_tokens=half_batch, reference_sequence_length=2048)
+    assert short_reference == pytest.approx(power_lr(1e12, batch_tokens=POWERLM_BATCH), rel=1e-12)
+    assert short_reference == pytest.approx(2 * power_lr(1e12, batch_tokens=half_batch), rel=1e-12)
 
 
 def test_power_warmup_rises_linearly_to_the_power_value_at_its_end():
@@ -106,6 +120,12 @@ def test_wsd_by_hand():
     assert wsd_factor(1000, **kwargs) == pytest.approx(0.1, rel=1e-12)
 
 
+def test_wsd_without_decay_holds_1_through_total_then_drops_to_the_floor():
+    kwargs = dict(warmup=10, total=100, decay=0, min_lr_ratio=0.25)
+    assert wsd_factor(100, **kwargs) == 1.0
+    assert wsd_factor(100.5, **kwargs) == 0.25
+
+
 @pytest.mark.parametrize("boundary", [10, 80, 100])
 def test_wsd_is_continuous_at_phase_boundaries(boundary):
     for shape in DECAY_SHAPES:
@@ -132,6 +152,8 @@ def test_step_law_by_hand():
         (dict(warmup_tokens=-1), "warmup_tokens"),
         (dict(warmup_tokens=6, decay_tokens=5, total_tokens=10), "warmup_tokens \\+ decay_tokens"),
         (dict(decay_tokens=5), "decay_tokens"),
+        (dict(decay_tokens=-1, total_tokens=10), "decay_tokens"),
+        (dict(warmup_tokens=math.nan), "warmup_tokens"),
         (dict(decay_shape="step"), "decay_shape"),
         (dict(min_lr_ratio=1.0), "min_lr_ratio"),
         (dict(min_lr_ratio=-0.1), "min_lr_ratio"),
@@ -153,6 +175,8 @@ def test_power_bad_input_names_the_argument(kwargs, argument):
     [
         (dict(warmup=-1), "warmup"),
         (dict(warmup=60, decay=50), "warmup \\+ decay"),
+        (dict(decay=-1), "decay"),
+        (dict(warmup=math.nan), "warmup"),
         (dict(total=0, warmup=0, decay=0), "total"),
         (dict(decay_shape="cos"), "decay_shape"),
         (dict(min_lr_ratio=1.5), "min_lr_ratio"),
@@ -161,6 +185,13 @@ def test_power_bad_input_names_the_argument(kwargs, argument):
 def test_wsd_bad_input_names_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=f"^{argument}"):
         wsd_factor(1, **{"warmup": 10, "total": 100, "decay": 20, **kwargs})
+
+
+def test_nan_progress_is_refused():
+    with pytest.raises(ValueError, match="^n must be >= 0, got nan"):
+        power_lr(math.nan, batch_tokens=4096)
+    with pytest.raises(ValueError, match="^t must be >= 0, got nan"):
+        wsd_factor(math.nan, warmup=10, total=100, decay=20)
 
 
 def test_step_law_bad_input():

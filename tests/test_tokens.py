@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -21,6 +21,7 @@ def test_default_counting_rule():
     assert count_tokens(torch.zeros(3, 5)) == 15
     assert count_tokens((torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4))) == 8  # (inputs, targets)
     assert count_tokens(["a label", torch.zeros(6)]) == 6  # the first tensor
+    assert count_tokens((torch.zeros(2, 4), torch.zeros(2))) == 8  # (inputs, one label per sequence)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     assert int(count_tokens({"input_ids": torch.zeros(2, 4), "attention_mask": mask})) == 5  # padding excluded
     assert count_tokens({"input_ids": torch.zeros(2, 4)}) == 8
@@ -115,6 +116,53 @@ def test_batches_the_module_skips_with_minus_one_are_not_counted(skip_at, accumu
     assert model.used_lrs == pytest.approx(expected, rel=1e-12)
 
 
+class ManualSkipsRestOfFirstEpoch(SkipsRestOfFirstEpoch):
+    """The same under manual optimization: the module steps its scheduler, Lightning never does, not even at -1."""
+
+    def __init__(self, make_scheduler, skip_at: int) -> None:
+        super().__init__(make_scheduler, skip_at)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        self.manual_backward(self.loss(batch))
+        optimizer.step()
+        optimizer.zero_grad()
+        self.lr_schedulers().step()
+
+
+def test_under_manual_optimization_a_batch_the_module_skips_is_not_counted():
+    stepped = [2, 3] + [2, 3, 5, 7]  # epoch 0 stops before its batch of 5
+    counter = TokenCounter()
+    model = ManualSkipsRestOfFirstEpoch(power, skip_at=2)
+    fit_trainer = trainer(len(stepped), callbacks=[counter], max_epochs=2)
+    fit_trainer.fit(model, ramp_batches([2, 3, 5, 7]))
+    assert fit_trainer.global_step == len(stepped)
+    seen = list(itertools.accumulate(size * CONTEXT for size in stepped))
+    assert counter.tokens_seen == seen[-1]
+    expected = [reference_power(n, size * CONTEXT, 0.02, warmup=40) for n, size in zip(seen, stepped)]
+    assert model.used_lrs == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(("accumulate", "ranks"), [(2, 1), (1, 2)])
+def test_the_lr_logged_before_the_first_step_is_the_one_it_uses_while_the_batch_is_constant(
+    tmp_path, monkeypatch, accumulate, ranks
+):
+    if ranks > 1:  # no process group on CPU here: every other rank reads a batch of the same size
+        monkeypatch.setattr(tokens_module, "_data_parallel_size", lambda trainer: ranks)
+        monkeypatch.setattr(tokens_module, "_global_sum", lambda local, trainer: ranks * int(local))
+    model = ScheduledGPT(power)
+    callbacks = [TokenCounter(), LearningRateMonitor()]
+    fit_trainer = trainer(
+        2, callbacks=callbacks, accumulate_grad_batches=accumulate, logger=CSVLogger(tmp_path), log_every_n_steps=1
+    )
+    fit_trainer.fit(model, ramp_batches([3] * 2 * accumulate))
+    step_tokens = 3 * CONTEXT * accumulate * ranks
+    assert model.used_lrs[0] == pytest.approx(reference_power(step_tokens, step_tokens, 0.02, warmup=40), rel=1e-12)
+    logged = read_metrics(tmp_path / "lightning_logs" / "version_0" / "metrics.csv")["lr-AdamW"]
+    assert logged[0] == (0, pytest.approx(model.used_lrs[0], rel=1e-6))
+
+
 class TwoOptimizers(pl.LightningModule):
     """Manual optimization with two optimizers: each ``step()`` adds one to ``trainer.global_step``."""
 
@@ -145,6 +193,53 @@ def test_tokens_are_logged_every_n_batches_also_when_two_optimizers_step_each_ba
     assert metrics["tokens/seen"] == [(1, seen[1]), (3, seen[3]), (5, seen[5])]  # every 2nd batch, as Lightning logs
 
 
+class TwoOptimizersOneTokenSchedule(TwoOptimizers):
+    """TwoOptimizers with a token WSD on the first optimizer, stepped by the module once per batch."""
+
+    def __init__(self, total_tokens: int) -> None:
+        super().__init__()
+        self.total_tokens = total_tokens
+
+    def training_step(self, batch, batch_idx):
+        super().training_step(batch, batch_idx)
+        self.lr_schedulers().step()
+
+    def configure_optimizers(self):
+        first, second = super().configure_optimizers()
+        scheduler = WSDScheduler(first, warmup=0, total=self.total_tokens, decay=CONTEXT, units="tokens")
+        return [first, second], [{"scheduler": scheduler, "interval": "step"}]
+
+
+def floor_warnings(warnings) -> list[str]:
+    return [str(w.message) for w in warnings if "reaches its floor" in str(w.message)]
+
+
+def test_two_optimizers_stepping_each_batch_do_not_make_a_schedule_look_short(recwarn):
+    sizes = [4] * 4
+    model = TwoOptimizersOneTokenSchedule(total_tokens=sum(sizes) * CONTEXT)  # ends with the fit
+    fit_trainer = trainer(2 * len(sizes), callbacks=[TokenCounter()])  # max_steps counts both optimizers' steps
+    fit_trainer.fit(model, ramp_batches(sizes))
+    assert fit_trainer.global_step == 2 * len(sizes)
+    assert not floor_warnings(recwarn)
+
+
+class StopsAfter(Callback):
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
+def test_a_fit_without_an_end_runs_a_token_schedule_without_warning(recwarn):
+    model = ScheduledGPT(lambda opt: WSDScheduler(opt, warmup=0, total=2 * 4 * CONTEXT, decay=CONTEXT, units="tokens"))
+    fit_trainer = trainer(-1, max_epochs=-1, callbacks=[TokenCounter(), StopsAfter(3)])
+    fit_trainer.fit(model, ramp_batches([4] * 4))
+    assert fit_trainer.global_step == 3
+    assert not floor_warnings(recwarn)
+
+
 def test_a_step_without_tokens_names_the_cause():
     empty = {"input_ids": torch.zeros(2, CONTEXT + 1, dtype=torch.long), "attention_mask": torch.zeros(2, CONTEXT + 1)}
     model = MaskedGPT(lambda opt: WSDScheduler(opt, warmup=100, total=1000, decay=0, units="tokens"))
@@ -156,19 +251,46 @@ def test_a_step_without_tokens_names_the_cause():
     assert counter.tokens_seen == 0
 
 
-def test_a_token_schedule_that_ends_well_before_max_steps_is_warned_about(recwarn):
-    step_tokens = 4 * CONTEXT
+STEP_TOKENS = 4 * CONTEXT  # ramp_batches([4] * 8)
 
-    def wsd(steps):
-        return lambda opt: WSDScheduler(opt, warmup=0, total=steps * step_tokens, decay=step_tokens, units="tokens")
 
-    with pytest.warns(UserWarning, match=r"reaches its floor at 96 tokens, after about 3 of the 8 optimizer steps"):
-        trainer(8, callbacks=[TokenCounter()]).fit(ScheduledGPT(wsd(3)), ramp_batches([4] * 8))
-    recwarn.clear()
-    trainer(8, callbacks=[TokenCounter()]).fit(ScheduledGPT(wsd(8)), ramp_batches([4] * 8))
+def wsd_tokens(steps):
+    return lambda opt: WSDScheduler(opt, warmup=0, total=steps * STEP_TOKENS, decay=STEP_TOKENS, units="tokens")
+
+
+@pytest.mark.parametrize(
+    ("make_scheduler", "message"),
+    [
+        pytest.param(
+            wsd_tokens(3),
+            "WSDScheduler reaches its floor at 96 tokens, after about 3 of the 8 optimizer steps",
+            id="wsd",
+        ),
+        pytest.param(
+            wsd_tokens(6), "WSDScheduler reaches its floor at 192 tokens, after about 6 of the 8", id="wsd-over-5%"
+        ),
+        pytest.param(
+            lambda opt: PowerScheduler(opt, decay_tokens=STEP_TOKENS, total_tokens=6 * STEP_TOKENS),
+            "PowerScheduler reaches its floor at 192 tokens, after about 6 of the 8",
+            id="power",
+        ),
+    ],
+)
+def test_a_token_schedule_that_ends_well_before_max_steps_is_warned_about_once(make_scheduler, message):
+    with pytest.warns(UserWarning) as record:
+        trainer(8, callbacks=[TokenCounter()]).fit(ScheduledGPT(make_scheduler), ramp_batches([4] * 8))
+    floors = floor_warnings(record)
+    assert len(floors) == 1 and floors[0].startswith(message)
+
+
+def test_a_schedule_that_ends_with_the_fit_or_counts_steps_is_not_warned_about(recwarn):
+    trainer(8, callbacks=[TokenCounter()]).fit(ScheduledGPT(wsd_tokens(8)), ramp_batches([4] * 8))
     # max_epochs ends the fit first: max_steps is only a bound, not the planned length
-    trainer(1000, max_epochs=1, callbacks=[TokenCounter()]).fit(ScheduledGPT(wsd(8)), ramp_batches([4] * 8))
-    assert not [w for w in recwarn if "reaches its floor" in str(w.message)]
+    trainer(1000, max_epochs=1, callbacks=[TokenCounter()]).fit(ScheduledGPT(wsd_tokens(8)), ramp_batches([4] * 8))
+    # a horizon in steps is no horizon in tokens
+    steps = ScheduledGPT(lambda opt: WSDScheduler(opt, warmup=0, total=8, decay=2))
+    trainer(8, callbacks=[TokenCounter()]).fit(steps, ramp_batches([4] * 8))
+    assert not floor_warnings(recwarn)
 
 
 class MaskedGPT(ScheduledGPT):
