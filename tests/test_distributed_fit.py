@@ -8,6 +8,7 @@ from torch import nn
 
 from lightning_power.strategies import FSDPStrategy, replace_path
 from tests.helpers.jobs import CONFIGS, read_metrics, run_cli
+from tests.helpers.strategies import AdamBoringModel, sharded_fsdp_trainer
 from tests.helpers.tiny import tiny_cli_args
 from tests.helpers.versions import cpu_fsdp2
 
@@ -65,30 +66,12 @@ def test_fsdp1_on_cpu_leaves_a_model_wrapped_in_configure_model_as_it_is(in_proc
     assert not isinstance(model.layer[1], FullyShardedDataParallel)  # the auto_wrap_policy {nn.Linear} was dropped
 
 
-class AdamBoringModel(BoringModel):
-    def configure_optimizers(self):  # FSDP cannot reload the empty state of plain SGD
-        return torch.optim.Adam(self.parameters(), lr=0.01)
-
-
 def test_a_resume_falls_back_to_the_checkpoint_a_stopped_swap_left_aside(tmp_path, in_process_group):
-    def trainer(max_steps):
-        return pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            strategy=FSDPStrategy(state_dict_type="sharded"),
-            max_steps=max_steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path,
-        )
-
-    first = trainer(2)
+    first = sharded_fsdp_trainer(tmp_path, max_steps=2)
     first.fit(AdamBoringModel())
     first.save_checkpoint(tmp_path / "last.ckpt")
     (tmp_path / "last.ckpt").rename(tmp_path / "last.ckpt.old")  # a kill between the swap's two renames
-    resumed = trainer(4)
+    resumed = sharded_fsdp_trainer(tmp_path, max_steps=4)
     with pytest.warns(UserWarning, match="last.ckpt' is missing: a save was stopped"):
         resumed.fit(AdamBoringModel(), ckpt_path=tmp_path / "last.ckpt")
     assert resumed.global_step == 4  # continued from step 2

@@ -4,17 +4,16 @@ import os
 import re
 import secrets
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_power.cli import LightningPowerCLI
 from lightning_power.files import atomic_write, write_atomically
-from lightning_power.strategies import AtomicCheckpointIO, FSDPStrategy, replace_path, use_atomic_checkpoint_io
+from lightning_power.strategies import AtomicCheckpointIO, replace_path, use_atomic_checkpoint_io
 from tests.helpers.jobs import CONFIGS
+from tests.helpers.strategies import AdamBoringModel, sharded_fsdp_trainer
 from tests.helpers.tiny import tiny_cli_args
 
 
@@ -162,27 +161,8 @@ def test_a_swap_replaces_a_dangling_last_ckpt_symlink(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["last.ckpt"]
 
 
-class AdamBoringModel(BoringModel):
-    def configure_optimizers(self):  # FSDP cannot reload the empty state of plain SGD
-        return torch.optim.Adam(self.parameters(), lr=0.01)
-
-
-def _fsdp_trainer(tmp_path, max_steps=1):
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=FSDPStrategy(state_dict_type="sharded"),
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-
-
 def test_a_sharded_save_drops_the_partial_folder_a_killed_save_left(tmp_path, in_process_group):
-    trainer = _fsdp_trainer(tmp_path)
+    trainer = sharded_fsdp_trainer(tmp_path, max_steps=1)
     trainer.fit(AdamBoringModel())
     stale = tmp_path / "last.ckpt.partial"
     stale.mkdir()
@@ -197,6 +177,6 @@ def test_fsdp1_on_cpu_with_older_torch_still_trains_with_sharded_checkpoints(mon
     from torch.torch_version import TorchVersion
 
     monkeypatch.setattr(torch, "__version__", TorchVersion("2.13.0+cpu"))
-    trainer = _fsdp_trainer(tmp_path, max_steps=2)
+    trainer = sharded_fsdp_trainer(tmp_path, max_steps=2)
     trainer.fit(AdamBoringModel())
     assert trainer.global_step == 2

@@ -104,14 +104,19 @@ class SkipsRestOfFirstEpoch(ScheduledGPT):
     ],
 )
 def test_batches_the_module_skips_with_minus_one_are_not_counted(skip_at, accumulate, stepped):
-    counter = TokenCounter()
+    # Lightning also steps the scheduler at the skipped batch; that step must not count tokens either.
     model = SkipsRestOfFirstEpoch(power, skip_at)
-    fit_trainer = trainer(len(stepped), callbacks=[counter], max_epochs=2, accumulate_grad_batches=accumulate)
+    assert_counts_only_trained_batches(model, stepped, accumulate_grad_batches=accumulate)
+
+
+def assert_counts_only_trained_batches(model: ScheduledGPT, stepped: list[int], **trainer_kwargs) -> None:
+    """Fits 2 epochs of batches of 2, 3, 5 and 7 sequences; ``stepped`` lists the sequences of each optimizer step."""
+    counter = TokenCounter()
+    fit_trainer = trainer(len(stepped), callbacks=[counter], max_epochs=2, **trainer_kwargs)
     fit_trainer.fit(model, ramp_batches([2, 3, 5, 7]))
     assert fit_trainer.global_step == len(stepped)
     seen = list(itertools.accumulate(size * CONTEXT for size in stepped))
     assert counter.tokens_seen == seen[-1]
-    # Lightning also stepped the scheduler at the skipped batch; that step must not count tokens either.
     expected = [reference_power(n, size * CONTEXT, 0.02, warmup=40) for n, size in zip(seen, stepped)]
     assert model.used_lrs == pytest.approx(expected, rel=1e-12)
 
@@ -133,15 +138,7 @@ class ManualSkipsRestOfFirstEpoch(SkipsRestOfFirstEpoch):
 
 def test_under_manual_optimization_a_batch_the_module_skips_is_not_counted():
     stepped = [2, 3] + [2, 3, 5, 7]  # epoch 0 stops before its batch of 5
-    counter = TokenCounter()
-    model = ManualSkipsRestOfFirstEpoch(power, skip_at=2)
-    fit_trainer = trainer(len(stepped), callbacks=[counter], max_epochs=2)
-    fit_trainer.fit(model, ramp_batches([2, 3, 5, 7]))
-    assert fit_trainer.global_step == len(stepped)
-    seen = list(itertools.accumulate(size * CONTEXT for size in stepped))
-    assert counter.tokens_seen == seen[-1]
-    expected = [reference_power(n, size * CONTEXT, 0.02, warmup=40) for n, size in zip(seen, stepped)]
-    assert model.used_lrs == pytest.approx(expected, rel=1e-12)
+    assert_counts_only_trained_batches(ManualSkipsRestOfFirstEpoch(power, skip_at=2), stepped)
 
 
 @pytest.mark.parametrize(("accumulate", "ranks"), [(2, 1), (1, 2)])

@@ -7,7 +7,31 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from lightning_power.strategies import ModelParallelStrategy
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from lightning_power.strategies import FSDPStrategy, ModelParallelStrategy
+
+
+class AdamBoringModel(BoringModel):
+    def configure_optimizers(self):  # FSDP cannot reload the empty state of plain SGD
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def sharded_fsdp_trainer(root: Path, max_steps: int) -> pl.Trainer:
+    """A 1-process FSDP1 Trainer on CPU with sharded checkpoints, no logger and no automatic checkpoints."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=FSDPStrategy(state_dict_type="sharded"),
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
 
 
 class KillBeforeSwap(ModelParallelStrategy):
