@@ -84,6 +84,30 @@ def test_yaml_scheduler_steps_once_per_optimizer_step(accumulate):
     assert RecordLR.lrs == pytest.approx(expected, rel=1e-12)
 
 
+def test_yaml_reduce_lr_on_plateau_steps_on_the_validation_metric(tmp_path):
+    # 3 epochs of 3 steps, validated after each; a plateau is any epoch that does not improve val/loss by 10 nats,
+    # so the LR halves after the second epoch.
+    main(
+        [
+            "fit",
+            "--config",
+            DEMO,
+            *tiny_cli_args(max_steps=9),
+            "--trainer.limit_train_batches=3",
+            "--optimizer.lr=0.01",
+            "--lr_scheduler=lightning.pytorch.cli.ReduceLROnPlateau",
+            "--lr_scheduler.monitor=val/loss",
+            "--lr_scheduler.factor=0.5",
+            "--lr_scheduler.patience=0",
+            "--lr_scheduler.threshold=10",
+            "--lr_scheduler.threshold_mode=abs",
+        ]
+    )
+    metrics = read_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
+    assert len(metrics["val/loss"]) == 3
+    assert [lr for _, lr in metrics["lr-AdamW"]] == pytest.approx([0.01] * 6 + [0.005] * 3, rel=1e-12)
+
+
 def test_yaml_optimizer_is_built_over_the_parameters_the_trainer_trains():
     main(
         [

@@ -140,6 +140,63 @@ def test_dropping_the_readout_multiplier_or_the_hidden_lr_scaling_fails(monkeypa
     assert not no_lr_scaling.passed and no_lr_scaling.slopes["hid"][1] > 0.5  # hidden updates grow with width
 
 
+class ShrinkingHidden(MLP):
+    """Hidden weights drawn with std 1/width instead of 1/sqrt(width): the hidden layer's output shrinks with width."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width)
+        nn.init.normal_(self.hid.weight, std=1.0 / width)
+        nn.init.zeros_(self.hid.bias)
+
+
+def test_hidden_activations_that_shrink_with_width_fail() -> None:
+    result = coord_check(
+        ShrinkingHidden,
+        WIDTHS,
+        [BATCH],
+        steps=1,
+        optimizer="sgd",
+        readout="out",
+        model_init="torch_default",
+        loss_fn=cross_entropy,
+    )
+    assert result.slopes["hid"][0] == pytest.approx(-0.5, abs=0.1)
+    assert not result.passed and any(failure.startswith("hid t=1: slope") for failure in result.failures)
+    assert result.slopes["inp"][0] == pytest.approx(0.0, abs=0.1) and not any(
+        failure.startswith("inp ") for failure in result.failures
+    )
+
+
+class PostProcessed(MLP):
+    """The model's output is the readout's output post-processed: a tanh soft-cap (Gemma) or a cast. Its weights have a
+    width-independent std, so the readout's output shrinks like ``width^-1/2`` under muP."""
+
+    def __init__(self, width: int, post: str) -> None:
+        super().__init__(width)
+        for layer in (self.inp, self.hid, self.out):
+            nn.init.normal_(layer.weight, std=0.5)
+        self.post = post
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return 30.0 * torch.tanh(logits / 30.0) if self.post == "soft_cap" else logits.double()
+
+
+@pytest.mark.parametrize("post", ["soft_cap", "cast"])
+def test_a_model_output_computed_from_the_readout_may_shrink_like_it(post: str) -> None:
+    result = coord_check(
+        lambda width: PostProcessed(width, post),
+        WIDTHS,
+        [BATCH],
+        steps=2,
+        optimizer="adam",
+        readout="out",
+        loss_fn=cross_entropy,
+    )
+    assert result.passed, result.table()
+    assert "<output>" in result.readout_outputs and result.slopes["<output>"][0] < -0.4
+
+
 class Wrapped(pl.LightningModule):
     """The usual Lightning pattern: the network is an attribute (here ``attr``, maybe compiled), training_step calls
     it. Its weights have a width-independent std, so the readout's output shrinks like ``width^-1/2`` under muP."""
@@ -327,7 +384,7 @@ def test_cli_writes_json_png_tensorboard_and_exit_code(tmp_path: Path, capsys) -
     ]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "mup: PASS" in printed and "sp: FAIL" in printed
+    assert "mup: PASS" in printed and "sp: FAIL" in printed and "SP passed too" not in printed
     result = json.loads((tmp_path / "out" / "coord_check_mup.json").read_text())
     assert result["passed"] and result["widths"] == WIDTHS and result["optimizer"] == "AdamW"
     assert set(result["slopes"]) >= {"head", "blocks.0.mlp.fc", "<output>"}
@@ -389,6 +446,39 @@ def test_cli_takes_the_width_argument_from_the_mup_callback_or_width_arg(tmp_pat
     assert _width_arg({"base_overrides": {"d_model": 16, "depth": 2}, "delta_overrides": {"d_model": 32, "depth": 2}})
     with pytest.raises(ValueError, match="none of their keys could be the width"):
         _width_arg({"base_overrides": {"d_model": 16}, "delta_overrides": {"d_model": 16}})
+
+
+def test_cli_passes_the_config_optimizer_arguments_to_the_check(tmp_path: Path) -> None:
+    config = yaml.safe_load(Path(classifier_config(tmp_path, base_overrides={"d_model": 16})).read_text())
+    optimizer_args = {"momentum": 0.9, "weight_decay": 0.01}
+    config["optimizer"] = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5, **optimizer_args}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    fixed = ["--widths", *map(str, WIDTHS), "--steps", "3", "--no-sp", "--out", str(tmp_path)]
+    assert main(["--config", str(tmp_path / "config.yaml"), *fixed]) == 0
+    cli = json.loads((tmp_path / "coord_check_mup.json").read_text())
+
+    direct = coord_check(
+        Classifier,
+        WIDTHS,
+        [BATCH],
+        width_arg="d_model",
+        steps=3,  # momentum and weight decay shape the forward of step 3
+        optimizer=torch.optim.SGD,
+        optimizer_args=optimizer_args,
+        readout="mlp.out",
+        model_init="torch_default",
+    )
+    assert cli["optimizer"] == "SGD" and cli["lr"] == 2**-6  # the check's own LR, not the config's
+    assert cli["l1"] == direct.l1
+
+
+def test_cli_warns_when_sp_passes_too(tmp_path: Path, capsys) -> None:
+    config = classifier_config(tmp_path, base_overrides={"d_model": 16}, delta_overrides={"d_model": 32})
+    args = ["--config", config, "--widths", *map(str, WIDTHS), "--steps", "1", "--out", str(tmp_path)]
+    assert main([*args, "--tolerance", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "sp: PASS" in printed
+    assert "warning: SP passed too, so this check cannot tell the parametrizations apart" in printed
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_power.cli import LightningPowerCLI
 from lightning_power.demo import GPT
-from lightning_power.mup import MuP, MuPPlan
+from lightning_power.mup import MuP, MuPPlan, attach_readout_multiplier
 from lightning_power.mup.readout import readout_multiplier_of
 from tests.helpers.versions import compiled_module_logging, cpu_fsdp2
 
@@ -60,6 +60,18 @@ def fit(model: pl.LightningModule, callback: MuP, max_steps: int = STEPS, ckpt_p
     )
     trainer.fit(model, one_batch(), ckpt_path=ckpt_path)
     return recorder.losses, trainer
+
+
+def quiet_trainer(*callbacks: pl.Callback) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
 
 
 def mup_callback(**kw) -> MuP:
@@ -246,6 +258,54 @@ def test_own_param_groups_are_trusted_for_an_optimizer_class_mup_does_not_know()
         torch.manual_seed(0)
         model = GPT(width=WIDTH, **ARGS)
         model.configure_optimizers = lambda: SGDUnknownToMuP(model.parameters())
+        fit(model, mup_callback(), max_steps=1)
+
+
+def test_optimizer_family_gives_the_rules_for_an_optimizer_mup_does_not_know() -> None:
+    torch.manual_seed(0)
+    model = GPT(width=WIDTH, **ARGS)
+    model.configure_optimizers = lambda: SGDUnknownToMuP(model.parameters())
+    _, trainer = fit(model, mup_callback(optimizer_family="sgd"), max_steps=1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    lrs = {names[id(p)]: g["lr"] for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert lrs["token_embedding.weight"] == pytest.approx(0.4)  # SGD: one width dimension gets lr * m
+    assert lrs["blocks.0.attn.proj.weight"] == pytest.approx(0.1)  # hidden: lr * m_out / m_in
+    assert lrs["final_norm.bias"] == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_validate_test_and_predict_apply_the_readout_multiplier(stage: str) -> None:
+    model = make_gpt()
+    plain = copy.deepcopy(model)
+    expected = copy.deepcopy(model)
+    attach_readout_multiplier(expected.head, WIDTH / BASE)
+    trainer = quiet_trainer(mup_callback())
+    batch = next(iter(one_batch()))
+    if stage == "predict":
+        (logits,) = trainer.predict(model, DataLoader(batch[0], batch_size=4))
+        torch.testing.assert_close(logits, expected(batch[0]))
+        assert not torch.allclose(logits, plain(batch[0]))
+    else:
+        (metrics,) = getattr(trainer, stage)(model, one_batch(), verbose=False)
+        loss = metrics[f"{'val' if stage == 'validate' else 'test'}/loss"]
+        assert loss == pytest.approx(expected.loss(batch).item(), rel=1e-6)
+        assert loss != pytest.approx(plain.loss(batch).item(), rel=1e-4)
+
+
+def test_parameters_on_the_meta_device_in_setup_are_refused() -> None:
+    with torch.device("meta"):
+        model = GPT(width=WIDTH, **ARGS)
+    with pytest.raises(Exception) as raised:  # Lightning's teardown then fails to move the meta module to the CPU
+        fit(model, mup_callback(), max_steps=1)
+    error = raised.value if isinstance(raised.value, ValueError) else raised.value.__context__
+    assert isinstance(error, ValueError) and "on the meta device in setup (deferred init)" in str(error)
+    assert "pass model_init=None" in str(error)
+
+
+def test_two_mup_callbacks_are_refused() -> None:
+    model = make_gpt()  # Lightning refuses two in Trainer(callbacks=...), not two from configure_callbacks
+    model.configure_callbacks = lambda: [mup_callback(), mup_callback(base_overrides={"width": 16})]
+    with pytest.raises(ValueError, match="more than one MuP callback is configured; keep one"):
         fit(model, mup_callback(), max_steps=1)
 
 

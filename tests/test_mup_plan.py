@@ -260,6 +260,15 @@ def test_a_readout_called_by_keyword_gets_a_clear_error(model: Net, plan: MuPPla
         model.head(input=torch.randn(2, MODEL[0]))
 
 
+def test_attaching_a_plan_with_another_base_updates_the_multiplier(model: Net, plan: MuPPlan) -> None:
+    plan.attach_readouts(model)
+    coarser = MuPPlan.from_models(model, meta(16, 32))  # base half the model's width: m = 2
+    coarser.attach_readouts(model)
+    assert sum(isinstance(h, ReadoutMultiplier) for h in model.head._forward_pre_hooks.values()) == 1
+    x = torch.randn(2, MODEL[0])
+    assert torch.equal(model.head(x), nn.functional.linear(x / 2, model.head.weight, model.head.bias))
+
+
 def test_tied_readout_keeps_its_init_and_refuses_torch_default() -> None:
     torch.manual_seed(0)
     model = Tied(32)
@@ -290,6 +299,17 @@ def test_to_dict_round_trip_and_weights_only_load(plan: MuPPlan) -> None:
     loaded = MuPPlan.from_dict(torch.load(buffer, weights_only=True)["plan"])
     assert loaded == plan and loaded.to_dict() == state
     assert MuPPlan.from_dict(state).differences(plan) == []
+
+
+def test_from_dict_refuses_another_version_and_a_readout_that_is_not_one(plan: MuPPlan) -> None:
+    state = plan.to_dict()
+    for version in (2, None):
+        with pytest.raises(ValueError, match=f"muP plan version must be 1, got {version}"):
+            MuPPlan.from_dict({**state, "version": version})
+    with pytest.raises(ValueError, match=r"readouts\['fc'\] = 'fc.weight' is not a parameter of class 'readout'"):
+        MuPPlan.from_dict({**state, "readouts": {"fc": "fc.weight"}})
+    with pytest.raises(ValueError, match=r"readouts\['head'\] = 'head.kernel' is not a parameter"):
+        MuPPlan.from_dict({**state, "readouts": {"head": "head.kernel"}})
 
 
 def test_from_base_shapes_file_equals_base_and_delta(model: Net, plan: MuPPlan, tmp_path) -> None:
@@ -359,6 +379,22 @@ def test_power_scheduler_scales_muP_groups_proportionally(model: Net, plan: MuPP
     assert {g["mup_lr_factor"] for g in optimizer.param_groups} == {1.0, 0.25}
 
 
+def test_one_cycle_scheduler_scales_muP_groups_proportionally(model: Net, plan: MuPPlan) -> None:
+    """OneCycleLR computes each group's LR from its initial_lr, max_lr and min_lr, so those carry muP's factor."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.02)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.02, total_steps=6)
+    plan.regroup(optimizer, model, schedulers=[scheduler])
+    plain = torch.optim.AdamW(nn.Linear(1, 1).parameters(), lr=0.02)
+    reference = torch.optim.lr_scheduler.OneCycleLR(plain, max_lr=0.02, total_steps=6)
+    for _ in range(5):
+        for opt, sched in ((optimizer, scheduler), (plain, reference)):
+            opt.step()
+            sched.step()
+        for group in optimizer.param_groups:
+            assert math.isclose(group["lr"], plain.param_groups[0]["lr"] * group["mup_lr_factor"], rel_tol=1e-12)
+    assert {g["mup_lr_factor"] for g in optimizer.param_groups} == {1.0, 0.25}
+
+
 def test_sequential_scheduler_children_are_rebased(model: Net, plan: MuPPlan) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     warm = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=2)
@@ -378,6 +414,17 @@ def test_param_groups_are_not_scaled_twice(model: Net, plan: MuPPlan) -> None:
     lrs = [g["lr"] for g in optimizer.param_groups]
     assert not plan.regroup(optimizer, model)
     assert [g["lr"] for g in optimizer.param_groups] == lrs
+
+
+def test_plain_groups_next_to_param_groups_are_still_scaled(model: Net, plan: MuPPlan) -> None:
+    built = plan.param_groups(model, lr=0.01, weight_decay=0.1)
+    hidden = [p for g in built if g["mup_lr_factor"] != 1.0 for p in g["params"]]
+    kept = [g for g in built if g["mup_lr_factor"] == 1.0]
+    optimizer = torch.optim.AdamW([*kept, {"params": hidden, "lr": 0.01, "weight_decay": 0.1}])
+    assert plan.regroup(optimizer, model)
+    expected = per_param(torch.optim.AdamW(plan.param_groups(model, lr=0.01, weight_decay=0.1)), model)
+    assert per_param(optimizer, model) == expected
+    assert expected["fc.weight"] == (0.0025, 0.4)
 
 
 def test_adagrad_state_from_construction_is_no_step_but_a_step_is(model: Net, plan: MuPPlan) -> None:
@@ -455,6 +502,8 @@ def test_optimizer_family_detection() -> None:
 def test_attention_scale() -> None:
     assert attention_scale(64) == 1 / 64
     assert math.isclose(attention_scale(32, base_head_dim=32), 1 / math.sqrt(32))  # SP at the base width
+    scaled = [attention_scale(d, base_head_dim=32) * d for d in (32, 64, 128)]  # 1/d_head above the base width
+    assert scaled == pytest.approx([math.sqrt(32)] * 3, rel=1e-12)
     with pytest.raises(ValueError, match="base_head_dim"):
         attention_scale(16, base_head_dim=32)
 
@@ -469,6 +518,19 @@ def test_identical_base_warns_that_mup_reduces_to_sp(model: Net) -> None:
 def test_base_wider_than_model_is_an_error(model: Net) -> None:
     with pytest.raises(ValueError, match=r"wider than the model \(embed.weight dim 1: base 64 > model 32"):
         MuPPlan.from_models(model, meta(64, 128))
+
+
+def test_parameter_with_three_width_dimensions_is_refused() -> None:
+    class Cube(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.cube = nn.Parameter(torch.zeros(width, width, width))
+            self.head = nn.Linear(width, 7)
+
+    with torch.device("meta"):
+        model, base, delta = Cube(32), Cube(8), Cube(16)
+    with pytest.raises(ValueError, match=r"more than 2 width dimensions are not supported by muP: cube \(32, 32, 32\)"):
+        MuPPlan.from_models(model, base, delta)
 
 
 def test_mismatched_names_and_ranks_are_listed(model: Net) -> None:
