@@ -60,6 +60,17 @@ def test_fp32_update_below_bfloat16_resolution():
         assert counts_of(stepped, reference, compare_as=compare_as)[CHANGED] == expected
 
 
+def test_float16_parameters_are_compared_as_their_bfloat16_casts():
+    weights = torch.tensor([1.0, 0.5, 2.0, 0.01], dtype=torch.float16)
+    stepped = weights + 1e-3  # a float16 step of about one ulp at 1.0, well below bfloat16's half-ulp
+    assert counting.snapshot_dtype(torch.float16, "bfloat16") == torch.bfloat16
+    bits = counting.representation_bits(stepped, "bfloat16")
+    assert torch.equal(bits, stepped.to(torch.bfloat16).view(torch.int16))
+    for compare_as, expected in ((None, 4), ("bfloat16", 1)):  # only 0.01 moves in bfloat16
+        reference = counting.representation_bits(weights, compare_as).clone()
+        assert counts_of(stepped, reference, compare_as=compare_as)[CHANGED] == expected
+
+
 def test_since_last_refresh_and_tolerance_columns():
     start = torch.zeros(6)
     reference = counting.representation_bits(start, None).clone()

@@ -5,7 +5,12 @@ A subprocess job runs this file as a script (Lightning relaunches it once per ex
 1. FSDP1 (``lightning_power.strategies.FSDPStrategy``, which runs on CPU) for 4 steps, with a checkpoint at step 3,
    between two checks;
 2. FSDP1 resumed from that checkpoint to step 6, writing the masks; then a final full checkpoint;
-3. FSDP2 (``ModelParallelStrategy``) for 6 steps, writing the masks.
+3. FSDP2 (``ModelParallelStrategy``) for 6 steps, writing the masks;
+4. FSDP1 for 3 steps with the step-3 checkpoint of 1. as ``reference``: each rank slices its shards out of it;
+5. FSDP1 ``NO_SHARD`` for 2 steps: whole replicas, counted once as under DDP;
+6. FSDP2 for 2 steps with a parameter left out of ``fully_shard``: a replica, counted once;
+7. ``shard_layout`` of parameters sharded over two different process groups;
+8. FSDP1 for 1 step, with the disk full while rank 0 writes the second parameter's mask.
 
 Rank 0 writes what it saw to JSON; the test checks it against SlidingColumns' exact ground truth. The ``ddp_resume``
 job resumes a 1-process checkpoint under DDP on 2 processes (an unsharded run: every rank reads rank 0's snapshots).
@@ -13,16 +18,48 @@ job resumes a 1-process checkpoint under DDP on 2 processes (an unsharded run: e
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from tests.helpers.versions import cpu_fsdp1_full_checkpoint, cpu_fsdp2
-from tests.test_sparsity_monitor import HIDDEN, N_COLUMNS, SlidingColumns, assert_history, expected_history
+from tests.test_sparsity_monitor import (
+    FROZEN,
+    HIDDEN,
+    N_COLUMNS,
+    N_PARAMS,
+    SlidingColumns,
+    assert_history,
+    columns_moved,
+    expected_history,
+    expected_metrics,
+)
+
+
+class WithReplicatedOffset(SlidingColumns):
+    """SlidingColumns whose ``offset`` (4 elements) FSDP2 leaves whole on every rank (``ignored_params``). Its loss
+    term does not depend on the rank's data, so the replicas take the same steps: every element moves at every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(4))
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + (self.offset - 1).square().sum()
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        for module in (self.first, self.second, self.frozen):
+            fully_shard(module, mesh=self.device_mesh["data_parallel"])
+        fully_shard(self, mesh=self.device_mesh["data_parallel"], ignored_params={self.offset})
 
 
 def run_job(out: Path) -> None:
@@ -34,10 +71,10 @@ def run_job(out: Path) -> None:
     from lightning_power.sparsity import UpdateSparsityMonitor
     from lightning_power.strategies import FSDPStrategy  # Lightning's, usable on CPU
 
-    def fit(strategy, root, max_steps, ckpt_path=None, callbacks=(), **monitor_kwargs):
+    def fit(strategy, root, max_steps, ckpt_path=None, callbacks=(), model_class=SlidingColumns, **monitor_kwargs):
         torch.manual_seed(0)
-        model = SlidingColumns()
-        monitor = UpdateSparsityMonitor(every_n_steps=2, **monitor_kwargs)
+        model = model_class()
+        monitor = UpdateSparsityMonitor(**{"every_n_steps": 2, **monitor_kwargs})
         trainer = pl.Trainer(
             accelerator="cpu",
             devices=2,
@@ -54,7 +91,10 @@ def run_job(out: Path) -> None:
         return trainer, monitor
 
     checkpoints = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=3, save_top_k=-1)
-    _, first = fit(FSDPStrategy(auto_wrap_policy={nn.Linear}), "fsdp1", 4, callbacks=[checkpoints])
+    # The first fit sets up the process group for the whole job: ranks whose collectives fall out of step fail after a
+    # minute instead of hanging until the test's timeout.
+    strategy = FSDPStrategy(auto_wrap_policy={nn.Linear}, timeout=timedelta(seconds=60))
+    _, first = fit(strategy, "fsdp1", 4, callbacks=[checkpoints])
     shards = {}
     if torch.distributed.get_rank() == 0:  # the shard sizes this test relies on: uneven, one empty
         shards = {p.name: p.local().numel() for p in first._checker.parts}
@@ -68,6 +108,19 @@ def run_job(out: Path) -> None:
     )
     trainer.save_checkpoint(out / "final.ckpt")
     _, fsdp2 = fit(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), "fsdp2", 6, save_masks=True)
+    step3 = str(next((out / "ckpt").glob("*step=3*")))
+    _, fsdp1_reference = fit(
+        FSDPStrategy(auto_wrap_policy={nn.Linear}), "fsdp1-reference", 3, every_n_steps=1, reference=step3
+    )
+    _, no_shard = fit(FSDPStrategy(auto_wrap_policy={nn.Linear}, sharding_strategy="NO_SHARD"), "no-shard", 2)
+    _, replicated = fit(
+        ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        "fsdp2-replicated",
+        2,
+        model_class=WithReplicatedOffset,
+    )
+    two_groups = different_process_groups_error()
+    masks_errors = disk_full_while_writing_masks(fit, FSDPStrategy(auto_wrap_policy={nn.Linear}))
     if trainer.is_global_zero:
         (out / "result.json").write_text(
             json.dumps(
@@ -77,9 +130,61 @@ def run_job(out: Path) -> None:
                     "fsdp2": fsdp2.history,
                     "rank0_shards": shards,
                     "files": sorted(p.name for p in (out / "fsdp1" / "update_sparsity").iterdir()),
+                    "fsdp1_reference": fsdp1_reference.history,
+                    "no_shard": no_shard.history,
+                    "replicated": replicated.history,
+                    "two_groups": two_groups,
+                    "masks_errors": masks_errors,
+                    "masks_left": [
+                        p.name for p in (out / "disk-full" / "update_sparsity").iterdir() if "masks" in p.name
+                    ],
                 }
             )
         )
+
+
+def different_process_groups_error() -> str | None:
+    """``shard_layout`` of a module with one parameter sharded over both ranks, one over each rank alone (HSDP)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from lightning_power.distributed import shard_layout
+
+    both = init_device_mesh("cpu", (2,))
+    hybrid = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))
+    module = nn.Module()
+    module.a = nn.Parameter(distribute_tensor(torch.zeros(4, 2), both, [Shard(0)]))
+    module.b = nn.Parameter(distribute_tensor(torch.zeros(4, 2), hybrid, [Replicate(), Shard(0)]))
+    try:
+        shard_layout(module)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def disk_full_while_writing_masks(fit, strategy) -> list[str | None]:
+    """Fit with ``save_masks`` while the disk fills up after rank 0 wrote the first parameter's mask: every rank's
+    error (gathered to rank 0, which also shows that the ranks' collectives still match)."""
+    real_write_array = np.lib.format.write_array
+    written = []
+
+    def disk_full_after_one_array(*args, **kwargs):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(True)
+        real_write_array(*args, **kwargs)
+
+    np.lib.format.write_array = disk_full_after_one_array
+    error = None
+    try:
+        fit(strategy, "disk-full", 1, every_n_steps=1, save_masks=True)
+    except OSError as exc:
+        error = str(exc)
+    finally:
+        np.lib.format.write_array = real_write_array
+    errors = [None, None]
+    torch.distributed.all_gather_object(errors, error)
+    return errors
 
 
 def run_ddp_resume_job(out: Path) -> None:
@@ -169,6 +274,33 @@ def test_fsdp1_and_fsdp2_two_processes(tmp_path):
         assert rank_metrics[f"update_rank/{name}"] == fraction
         assert rank_metrics[f"update_stable_rank/{name}"] == pytest.approx(stable, rel=1e-5)
     assert rank_metrics["update_rank/frozen.weight"] == 0.0
+
+    # A reference checkpoint under FSDP1: each rank takes its own shards' slices of it, so at its step nothing moved.
+    (step, metrics) = result["fsdp1_reference"][-1]
+    assert step == 3
+    assert {k: v for k, v in metrics.items() if k != "update_sparsity/since_last"} == {
+        "update_sparsity/total": 1.0,
+        "update_sparsity/frozen_fraction": pytest.approx(FROZEN / N_PARAMS),
+        "update_sparsity/first": 1.0,
+        "update_sparsity/second": 1.0,
+        "update_sparsity/frozen": 1.0,
+    }
+    # NO_SHARD keeps whole replicas: counted once, as under DDP.
+    assert_history(result["no_shard"], expected_history([2]))
+    # A parameter that FSDP2 left whole on every rank is counted once.
+    (_, metrics) = result["replicated"][-1]
+    unchanged = HIDDEN * (N_COLUMNS - columns_moved(0, 2)) + FROZEN
+    assert metrics["update_sparsity/total"] == pytest.approx(unchanged / (N_PARAMS + 4), abs=1e-12)
+    assert metrics["update_sparsity/offset"] == 0.0
+    assert metrics["update_sparsity/first"] == expected_metrics(2, 0)["update_sparsity/first"]
+
+    assert result["two_groups"] is not None
+    assert "parameters are sharded over different process groups (ranks [(0,), (0, 1)])" in result["two_groups"]
+    # Disk full in the middle of the masks file: both ranks raise, neither hangs, no partial file is left.
+    for error in result["masks_errors"]:
+        assert "could not save the masks" in error and "masks-native-step1.npz" in error
+        assert "No space left on device" in error
+    assert result["masks_left"] == []
 
 
 if __name__ == "__main__":

@@ -134,6 +134,12 @@ def test_not_a_masks_file(tmp_path):
             MaskFile.open(tmp_path / name)
 
 
+def test_masks_file_of_another_format_version_is_refused(tmp_path):
+    write_masks_file(tmp_path / "v2.npz", {"w": mask((8,), [1])}, version=2)
+    with pytest.raises(ValueError, match=r"has format 'lightning-power/update-masks' version 2; expected .* version 1"):
+        MaskFile.open(tmp_path / "v2.npz")
+
+
 def test_a_damaged_masks_file_is_a_clear_error_not_a_traceback(tmp_path, capsys):
     write_masks_file(tmp_path / "a.npz", {"w": mask((64,), [1, 5]), "v": mask((8,), [0])})
     with zipfile.ZipFile(tmp_path / "a.npz") as archive:  # the same archive, one listed parameter left out
@@ -187,6 +193,16 @@ def test_snapshot_file_of_another_layout_lists_the_differences(tmp_path):
         same.load(tmp_path / "s.pt", {"run_id": "x", "step": 4})
     same.load(tmp_path / "s.pt", {"run_id": "x", "step": 3})
     assert all(torch.equal(x, y) for x, y in zip(same.buffers, snapshot.buffers))
+
+
+def test_snapshot_file_with_the_parameters_in_another_order_is_refused(tmp_path):
+    tensors = [torch.zeros(6), torch.ones(6)]
+    snapshot = Snapshot(Layout.build(["a", "b"], tensors, [0, 0], None), torch.device("cpu"))
+    snapshot.capture(tensors)
+    snapshot.save(tmp_path / "s.pt", {"run_id": "x", "step": 3})
+    swapped = Snapshot(Layout.build(["b", "a"], tensors, [0, 0], None), torch.device("cpu"))
+    with pytest.raises(ValueError, match="parameters are in a different order"):
+        swapped.load(tmp_path / "s.pt", {"run_id": "x", "step": 3})
 
 
 def test_layer_rule():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import shutil
 import warnings
 
 import lightning.pytorch as pl
@@ -235,6 +236,17 @@ def test_fp32_update_below_bfloat16_resolution(tmp_path, compare_as, atol, expec
         assert [m["update_sparsity/total_exact"] for _, m in monitor.history] == [0.0, 0.0]
 
 
+def test_tolerance_applies_to_layers_and_masks_as_to_the_total(tmp_path):
+    monitor = UpdateSparsityMonitor(every_n_steps=1, atol=1.5e-3, save_masks=True)
+    fit(Constant(lr=1e-3), monitor, tmp_path, max_steps=1)  # every weight moved by 1e-3: within the tolerance
+    ((_, metrics),) = monitor.history
+    assert metrics["update_sparsity/total"] == metrics["update_sparsity/w"] == 1.0
+    assert metrics["update_sparsity/total_exact"] == 0.0
+    masks = MaskFile.open(tmp_path / "update_sparsity" / "masks-native-atol0.0015-step1.npz")
+    assert masks.metadata["atol"] == 1.5e-3
+    assert not masks.unpacked("w").any() and masks.parameters[0]["changed"] == 0
+
+
 class PoisonAt(Callback):
     def __init__(self, step: int) -> None:
         self.step = step
@@ -250,6 +262,24 @@ def test_parameters_that_become_nan_count_as_changed_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"contain NaN .*\['w'\]"):
         fit(Constant(lr=1e-4), monitor, tmp_path, max_steps=2, callbacks=[PoisonAt(2)])
     assert [m["update_sparsity/total"] for _, m in monitor.history] == [1.0, 1 - 1 / 32]
+
+
+def test_a_nan_parameter_is_reported_once_also_across_a_resume(tmp_path):
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    with pytest.warns(UserWarning, match="contain NaN") as record:
+        fit(
+            Constant(lr=1e-3),
+            UpdateSparsityMonitor(every_n_steps=1),
+            tmp_path / "a",
+            max_steps=4,
+            callbacks=[PoisonAt(2), checkpoints],
+        )
+    assert sum("contain NaN" in str(w.message) for w in record) == 1  # checks 2, 3 and 4 see the NaN
+    monitor = UpdateSparsityMonitor(every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*contain NaN.*")
+        fit(Constant(lr=1e-3), monitor, tmp_path / "b", max_steps=5, ckpt_path=next((tmp_path / "ckpt").glob("*")))
+    assert [step for step, _ in monitor.history] == [1, 2, 3, 4, 5]
 
 
 class QuantizedFrozen(SlidingColumns):
@@ -285,12 +315,29 @@ def test_a_dtype_with_no_local_elements_counts_nothing(tmp_path):
     monitor = UpdateSparsityMonitor(every_n_steps=2)
     fit(WithEmptyHalfPrecision(), monitor, tmp_path, max_steps=4)
     assert_history(monitor.history, expected_history([2, 4]))  # the same numbers as without the empty parameter
+    assert [m["update_sparsity/empty"] for _, m in monitor.history] == [1.0, 1.0]  # nothing in it changed
 
 
 def test_an_atol_that_rounds_to_0_for_the_model_dtype_is_refused_at_fit_start(tmp_path):
     with pytest.raises(ValueError, match=r"atol=1e-46 rounds to 0 where the differences of torch.float32 values"):
         fit(fresh_model(), UpdateSparsityMonitor(atol=1e-46), tmp_path, max_steps=1)
     fit(fresh_model().double(), UpdateSparsityMonitor(atol=1e-46), tmp_path, max_steps=1)  # float64 resolves it
+
+
+class WithLayerNamedTotal(Constant):
+    """Constant plus an untrained module named ``total``: its layer would be logged as ``update_sparsity/total``."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=1e-3)
+        self.total = nn.Linear(2, 3)
+
+
+def test_a_layer_named_like_a_whole_model_metric_is_refused_unless_per_layer_is_off(tmp_path):
+    with pytest.raises(ValueError, match=r"layer names \['total'\] clash with the metrics .*use per_layer=False"):
+        fit(WithLayerNamedTotal(), UpdateSparsityMonitor(every_n_steps=1), tmp_path, max_steps=1)
+    monitor = UpdateSparsityMonitor(every_n_steps=1, per_layer=False)
+    fit(WithLayerNamedTotal(), monitor, tmp_path, max_steps=1)
+    assert monitor.history[0][1]["update_sparsity/total"] == pytest.approx(9 / 41)  # only `total` is unchanged
 
 
 class TwoOptimizers(pl.LightningModule):
@@ -344,6 +391,8 @@ def test_stop_and_resume_reports_the_same_sequence(tmp_path):
             ckpt_path=next((tmp_path / "ckpt").glob(f"*step={step}.ckpt")),
         )
         assert resumed.history == uninterrupted.history
+        heatmap = "update_sparsity/heatmap-native.png"  # all three checks, as the uninterrupted run drew them
+        assert (tmp_path / f"resume{step}" / heatmap).read_bytes() == (tmp_path / "a" / heatmap).read_bytes()
 
 
 def test_resume_refuses_changed_settings_missing_snapshots_and_other_world_sizes_of_sharded_runs(tmp_path):
@@ -395,12 +444,33 @@ def test_reference_checkpoint(tmp_path):
     trainer = fit(first, UpdateSparsityMonitor(every_n_steps=2), tmp_path / "a", max_steps=2)
     trainer.save_checkpoint(tmp_path / "step2.ckpt")
     # Same init, same data: after 2 steps the second run equals the checkpoint, then moves from it.
-    monitor = UpdateSparsityMonitor(every_n_steps=2, reference=str(tmp_path / "step2.ckpt"))
+    monitor = UpdateSparsityMonitor(every_n_steps=2, reference=str(tmp_path / "step2.ckpt"), save_masks=True)
     fit(fresh_model(), monitor, tmp_path / "b", max_steps=4)
     assert monitor.history[0][1]["update_sparsity/total"] == 1.0
     assert monitor.history[1][1]["update_sparsity/total"] == pytest.approx(
         expected_metrics(4, previous=2)["update_sparsity/since_last"], abs=1e-12
     )
+    masks = MaskFile.open(tmp_path / "b" / "update_sparsity" / "masks-native-step4.npz")
+    assert masks.metadata["reference"] == str(tmp_path / "step2.ckpt")
+    assert (masks.metadata["reference_step"], masks.metadata["step"]) == (2, 4)
+    moved = masks.unpacked("first.weight").any(axis=0)  # steps 2 and 3 moved columns 1 to 4
+    assert moved.tolist() == [False, True, True, True, True, False, False, False]
+
+
+def test_resume_refuses_a_reference_checkpoint_that_changed(tmp_path):
+    trainer = fit(fresh_model(), UpdateSparsityMonitor(every_n_steps=2), tmp_path / "a", max_steps=2)
+    reference = tmp_path / "reference.ckpt"
+    trainer.save_checkpoint(reference)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    uninterrupted = UpdateSparsityMonitor(every_n_steps=2, reference=str(reference))
+    fit(fresh_model(), uninterrupted, tmp_path / "b", max_steps=4, callbacks=[checkpoints])
+    step3 = next((tmp_path / "ckpt").glob("*step=3.ckpt"))
+    resumed = UpdateSparsityMonitor(every_n_steps=2, reference=str(reference))
+    fit(fresh_model(), resumed, tmp_path / "c", max_steps=4, ckpt_path=step3)
+    assert resumed.history == uninterrupted.history
+    shutil.copyfile(step3, reference)  # the reference file was replaced by another checkpoint
+    with pytest.raises(ValueError, match=r"reference checkpoint .*reference.ckpt' changed since the run started"):
+        fit(fresh_model(), UpdateSparsityMonitor(every_n_steps=2, reference=str(reference)), tmp_path / "d", 4, step3)
 
 
 def test_reference_checkpoint_of_another_model_lists_the_differences(tmp_path):
