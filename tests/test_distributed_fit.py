@@ -9,7 +9,7 @@ from torch import nn
 from lightning_power.strategies import FSDPStrategy, replace_path
 from tests.helpers.jobs import CONFIGS, read_metrics, run_cli
 from tests.helpers.strategies import AdamBoringModel, sharded_fsdp_trainer
-from tests.helpers.tiny import tiny_cli_args
+from tests.helpers.tiny import TINY_DATA, tiny_cli_args
 from tests.helpers.versions import cpu_fsdp2
 
 
@@ -32,6 +32,29 @@ def test_two_process_fit_trains(strategy, tmp_path):
     # The optimizer holds the parameters the strategy trains (not stale pre-sharding copies): the loss falls.
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
     assert metrics["val/bpb"][-1][1] < 8.0
+
+
+@pytest.mark.distributed
+@cpu_fsdp2
+def test_tokens_are_summed_over_the_data_parallel_ranks_only(tmp_path):
+    """Two tensor-parallel ranks of one data-parallel replica read the same batches: each step holds one batch."""
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "gpt_demo.yaml"),
+        "--config",
+        str(CONFIGS / "strategy_fsdp2.yaml"),
+        *tiny_cli_args(max_steps=3),
+        "--trainer.devices=2",
+        "--trainer.strategy.init_args.data_parallel_size=1",
+        "--trainer.strategy.init_args.tensor_parallel_size=2",
+        "--trainer.callbacks+=lightning_power.TokenCounter",
+    ]
+    run_cli(args, tmp_path)
+    metrics = read_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
+    batch_tokens = TINY_DATA["batch_size"] * TINY_DATA["context_length"]
+    assert metrics["tokens/step"] == [(step, batch_tokens) for step in range(3)]
+    assert metrics["tokens/seen"][-1] == (2, 3 * batch_tokens)
 
 
 def test_fsdp1_on_cpu_refuses_full_checkpoints_before_torch_2_14(monkeypatch, tmp_path, in_process_group):
