@@ -51,6 +51,11 @@ def configure_optimizers_from_config(
     scheduler = instantiate_class(optimizer, lr_scheduler_init)
     if isinstance(scheduler, ReduceLROnPlateau):  # it needs a metric, so it stays on the validation cadence
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": scheduler.monitor}}
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ValueError(
+            "lr_scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau has no `monitor` argument to name the metric it "
+            "steps on; use lightning.pytorch.cli.ReduceLROnPlateau with init_args.monitor (e.g. val/loss) instead"
+        )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

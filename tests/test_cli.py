@@ -108,6 +108,12 @@ def test_yaml_reduce_lr_on_plateau_steps_on_the_validation_metric(tmp_path):
     assert [lr for _, lr in metrics["lr-AdamW"]] == pytest.approx([0.01] * 6 + [0.005] * 3, rel=1e-12)
 
 
+def test_torchs_reduce_lr_on_plateau_is_refused_with_the_class_that_takes_a_monitor():
+    args = ["fit", "--config", DEMO, *tiny_cli_args(max_steps=1), "--trainer.logger=false"]
+    with pytest.raises(ValueError, match=r"use lightning\.pytorch\.cli\.ReduceLROnPlateau with init_args\.monitor"):
+        main([*args, "--lr_scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau"])
+
+
 def test_yaml_optimizer_is_built_over_the_parameters_the_trainer_trains():
     main(
         [
