@@ -364,28 +364,21 @@ def test_scheduler_rebase_keeps_each_group_proportional(model: Net, plan: MuPPla
         scheduler.step()
 
 
-def test_power_scheduler_scales_muP_groups_proportionally(model: Net, plan: MuPPlan) -> None:
+@pytest.mark.parametrize(
+    "make_scheduler",
+    [
+        lambda opt: PowerScheduler(opt, tokens_per_step=4096, warmup_tokens=4096 * 2),
+        # OneCycleLR computes each group's LR from its initial_lr, max_lr and min_lr: those carry muP's factor too
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.02, total_steps=6),
+    ],
+    ids=["power", "one_cycle"],
+)
+def test_a_scheduler_scales_muP_groups_proportionally(model: Net, plan: MuPPlan, make_scheduler) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.02)
-    scheduler = PowerScheduler(optimizer, tokens_per_step=4096, warmup_tokens=4096 * 2)
+    scheduler = make_scheduler(optimizer)
     plan.regroup(optimizer, model, schedulers=[scheduler])
     plain = torch.optim.AdamW(nn.Linear(1, 1).parameters(), lr=0.02)
-    reference = PowerScheduler(plain, tokens_per_step=4096, warmup_tokens=4096 * 2)
-    for _ in range(4):
-        for opt, sched in ((optimizer, scheduler), (plain, reference)):
-            opt.step()
-            sched.step()
-        for group in optimizer.param_groups:
-            assert math.isclose(group["lr"], plain.param_groups[0]["lr"] * group["mup_lr_factor"], rel_tol=1e-12)
-    assert {g["mup_lr_factor"] for g in optimizer.param_groups} == {1.0, 0.25}
-
-
-def test_one_cycle_scheduler_scales_muP_groups_proportionally(model: Net, plan: MuPPlan) -> None:
-    """OneCycleLR computes each group's LR from its initial_lr, max_lr and min_lr, so those carry muP's factor."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.02)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.02, total_steps=6)
-    plan.regroup(optimizer, model, schedulers=[scheduler])
-    plain = torch.optim.AdamW(nn.Linear(1, 1).parameters(), lr=0.02)
-    reference = torch.optim.lr_scheduler.OneCycleLR(plain, max_lr=0.02, total_steps=6)
+    reference = make_scheduler(plain)
     for _ in range(5):
         for opt, sched in ((optimizer, scheduler), (plain, reference)):
             opt.step()
