@@ -492,7 +492,8 @@ def run_schedule_job(job: dict[str, Any]) -> dict[str, Any]:
 
 def run_outcome(record: Mapping[str, Any]) -> str:
     """The end of a run's progress line: its validation loss, its seconds, and whether ``--resume`` replayed it."""
-    return f"loss {record['val_loss']:.4f} ({record['seconds']:.1f} s{', replayed' if record.get('replayed') else ''})"
+    loss = math.inf if record["val_loss"] is None else record["val_loss"]  # a non-finite loss is null in the JSON
+    return f"loss {loss:.4f} ({record['seconds']:.1f} s{', replayed' if record.get('replayed') else ''})"
 
 
 def job_power(job: Mapping[str, Any]) -> Mapping[str, float] | None:

@@ -164,7 +164,7 @@ def analyze(runs: list[dict], config: dict[str, Any]) -> dict[str, Any]:
             continue
         lrs = sorted(means)
         log2_opt, inside = (best, False)
-        if len(lrs) > 1:
+        if len(lrs) > 1 and math.isfinite(means[best]):  # every LR blew up: no optimum, the grid is too high
             log2_opt, inside = optimal_log2_lr([2.0**x for x in lrs], [means[x] for x in lrs])
         entry[schedule] = {
             "best_loss": means[best],
@@ -177,9 +177,10 @@ def analyze(runs: list[dict], config: dict[str, Any]) -> dict[str, Any]:
     gaps: dict[str, dict[str, float]] = {"wsd": {}, "cosine": {}}
     for cell, entry in cells.items():
         for schedule in ("wsd", "cosine"):
-            if "power" in entry and schedule in entry:
+            # A schedule whose every LR blew up has no tuned loss to compare with: no gap, and the goal is not met.
+            if "power" in entry and schedule in entry and math.isfinite(entry[schedule]["best_loss"]):
                 gaps[schedule][cell] = entry["power"]["loss"] / entry[schedule]["best_loss"] - 1
-    complete = len(cells) == len(order) and all("power" in e and "wsd" in e for e in cells.values())
+    complete = all(cell in gaps["wsd"] for cell in order)
     worst = max(gaps["wsd"].values(), default=math.nan)
     return {
         "cells": cells,

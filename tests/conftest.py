@@ -1,4 +1,6 @@
+import importlib
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,13 @@ def in_process_group():
         torch.distributed.destroy_process_group()
     for variable in set(os.environ) - environment:
         del os.environ[variable]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """Import a benchmark script by name (the scripts import their sibling ``common``): ``bench("mup_transfer")``."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    return importlib.import_module
 
 
 def pytest_collection_modifyitems(config, items):

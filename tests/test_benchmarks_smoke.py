@@ -27,15 +27,6 @@ TINY = [
 ]
 
 
-@pytest.fixture
-def bench(monkeypatch):
-    """Import benchmark scripts by name (they import their sibling ``common``)."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import importlib
-
-    return importlib.import_module
-
-
 def load(path: Path) -> dict:
     return json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"non-strict JSON constant {name}"))
 
