@@ -412,7 +412,8 @@ def test_amplitude_search_refuses_runs_of_which_one_searched_around_another_law(
     assert "another law" in search["error"] and search["a"] is None
 
 
-def wsd_sweep():
+def wsd_sweep() -> list[dict]:
+    """A WSD sweep whose optimal LR follows 4 beta T^-0.5 exactly, with a parabola in log2 LR around it."""
     return [
         {
             "batch_tokens": bt,

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.test_benchmarks_analysis import wsd_sweep
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 TINY = [
     "--quick",
@@ -191,17 +193,7 @@ def test_amplitude_search_finds_the_best_multiplier_of_synthetic_losses(bench):
     moved = calibrate_power.amplitude_search(runs, law | {"b": -0.5})
     assert "another law" in moved["error"] and moved["a"] is None
     # the summary hands the searched a to the Power scheduler and its YAML, and keeps the fit's a in "fit"
-    sweep = [
-        {
-            "batch_tokens": bt,
-            "tokens": t,
-            "lr": 2.0**k,
-            "loss": 2.0 + 0.05 * (k - math.log2(4.0 * (bt / 4096) * t**-0.5)) ** 2,
-        }
-        for bt in (512, 1024, 2048)
-        for t in (2e5, 4e5, 8e5)
-        for k in range(-14, -2)
-    ]
+    sweep = wsd_sweep()
     fitted = calibrate_power.analyze(sweep, [], {"warmup_tokens": 1000})["power"]
     law = {key: fitted[key] for key in ("a", "b", "batch_exponent", "lr_max")}
     runs = [power_record(law, k, 0, 2.0 + (k + 1) ** 2) for k in (-2, -1.5, -1, -0.5, 0)]

@@ -319,14 +319,7 @@ def test_resume_with_another_base_or_without_mup_state_fails(tmp_path: Path) -> 
             max_steps=2,
             ckpt_path=str(tmp_path / "mup.ckpt"),
         )
-    plain = pl.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    plain = quiet_trainer()
     plain.fit(make_gpt(), one_batch())
     plain.save_checkpoint(tmp_path / "sp.ckpt")
     with pytest.raises(RuntimeError, match="holds no muP state"):
