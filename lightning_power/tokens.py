@@ -1,6 +1,7 @@
 """Count the real tokens of every optimizer step, across ranks and gradient accumulation, and feed the schedulers.
 
-Logged metrics, to every logger, every ``trainer.log_every_n_steps`` optimizer steps, at ``step=trainer.global_step``:
+Logged metrics, to every logger, when and at the step Lightning logs its own: every ``trainer.log_every_n_steps``
+batches that stepped, at the count of those batches (``trainer.global_step`` with one optimizer):
 
 - ``tokens/seen``: tokens consumed by all optimizer steps so far, this one included, summed over ranks.
 - ``tokens/step``: tokens of this optimizer step, all ranks and accumulated micro-batches together.
@@ -180,15 +181,16 @@ class TokenCounter(Callback):
         if self._open_batch_tokens is None:
             return
         # The module ended the epoch by returning -1 from on_train_batch_start: that batch never trained.
-        self._local_tokens = self._local_tokens - self._open_batch_tokens
-        self._local_batches -= 1
-        self._open_batch_tokens = None
         if pl_module.automatic_optimization:
             # Lightning still stepped every step-interval scheduler once, and zeroes the gradients of an accumulation
             # window the skip cut short when the next epoch starts: neither that step nor the window trained.
             self._local_tokens, self._local_batches = 0, 0
             for scheduler in self._schedulers:
                 scheduler.uncount_last_step()
+        else:  # the module steps its optimizers itself: only the skipped batch is dropped
+            self._local_tokens = self._local_tokens - self._open_batch_tokens
+            self._local_batches -= 1
+        self._open_batch_tokens = None
 
     @override
     def on_before_optimizer_step(
