@@ -27,7 +27,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI, ReduceLROnPlateau, instantiate_class
 
 from lightning_power.strategies import use_atomic_checkpoint_io
@@ -116,9 +116,10 @@ class LightningPowerCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoint_io(trainer.strategy)
-        has_monitor = any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks)
+        callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning, undeclared
+        has_monitor = any(isinstance(cb, LearningRateMonitor) for cb in callbacks)
         if trainer.loggers and not has_monitor:
-            trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
         return trainer
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -101,8 +102,8 @@ def shard_layout(module: nn.Module, root: nn.Module | None = None) -> ShardLayou
             shape, start = fsdp1_views[id(param)]
             found.append((name, param, shape, start, True))
         elif is_sharded(param):
-            start, group = _dtensor_row_range(name, param)
-            groups.append(group)
+            start, mesh_group = _dtensor_row_range(name, param)
+            groups.append(mesh_group)
             found.append((name, param, param.shape, start, True))
         else:
             found.append((name, param, param.shape, 0, False))
@@ -128,26 +129,29 @@ def _fsdp1_flat_views(root: nn.Module) -> tuple[dict[int, tuple[torch.Size, int]
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     views: dict[int, tuple[torch.Size, int]] = {}
-    groups = []
+    groups: list[dist.ProcessGroup] = []
     for fsdp_module in FullyShardedDataParallel.fsdp_modules(root):
         handle = fsdp_module._handle
         if handle is None or handle.flat_param._params is None or not handle.uses_sharded_strategy:
             continue  # no parameters, use_orig_params=False (refused later), or NO_SHARD (whole replicas, like DDP)
-        groups.append(fsdp_module.process_group)
-        flat = handle.flat_param
-        for param, shape, info in zip(flat._params, flat._shapes, flat._shard_param_infos):
-            views[id(param)] = (torch.Size(shape), info.intra_param_start_idx if info.in_shard else 0)
+        groups.append(cast("dist.ProcessGroup", fsdp_module.process_group))  # None only before FSDP's init
+        flat, params = handle.flat_param, handle.flat_param._params
+        for param, shape, info in zip(params, flat._shapes, flat._shard_param_infos):
+            start = cast(int, info.intra_param_start_idx) if info.in_shard else 0  # None only when not in_shard
+            views[id(param)] = (torch.Size(shape), start)
     return views, groups
 
 
 def _dtensor_row_range(name: str, param: torch.Tensor) -> tuple[int, dist.ProcessGroup]:
     """Flat offset of a dim-0-sharded ``DTensor``'s local rows, and the group of its one sharded mesh dimension."""
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    placements, mesh = param.placements, param.device_mesh
+    dtensor = cast(DTensor, param)  # is_sharded(param): a DTensor
+    placements, mesh = dtensor.placements, dtensor.device_mesh
     sharded_dims = [i for i, p in enumerate(placements) if p.is_shard()]
-    if len(sharded_dims) != 1 or type(placements[sharded_dims[0]]) is not Shard or placements[sharded_dims[0]].dim:
+    shard = placements[sharded_dims[0]] if len(sharded_dims) == 1 else None
+    if type(shard) is not Shard or shard.dim:
         raise ValueError(
             f"parameter {name!r} has placements {placements}; only Shard(0) on one mesh dimension (FSDP2, HSDP) is "
             "supported"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """Create or replace ``path`` with what ``write`` writes to a binary file object, atomically.
 
     On any failure (an unwritable folder, a full disk, an error in ``write``) the temporary file is removed and an

@@ -63,7 +63,7 @@ class TokenScheduler(LRScheduler):
         return None
 
     @override
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[Any]:  # floats; recent torch declares list[float | Tensor], torch 2.7 list[float]
         factor = self.factor()
         return [base_lr * factor for base_lr in self.base_lrs]
 
@@ -235,7 +235,7 @@ class PowerScheduler(TokenScheduler):
     def factor(self) -> float:
         """``power_lr(n) / reference_lr``; 0 until the first batch's tokens are known."""
         n = self.tokens_through_current_step()
-        if n is None:
+        if n is None or self.batch_tokens is None:  # n is None exactly when batch_tokens is
             return 0.0
         lr = power_lr(
             n,
@@ -314,6 +314,7 @@ class WSDScheduler(TokenScheduler):
     @override
     def factor(self) -> float:
         """``wsd_factor(t)`` with t = ``last_epoch + 1`` steps, or the tokens through this step (0 before known)."""
+        t: int | None
         if self.units == "steps":
             t = self.last_epoch + 1
         else:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from fsspec.core import url_to_fs
@@ -76,7 +76,13 @@ def use_atomic_checkpoint_io(strategy: strategies.Strategy) -> None:
         io._base_checkpoint_io_configured = True
 
 
-class _AtomicShardedSave:
+if TYPE_CHECKING:  # the strategies that the mixin goes with, for the methods it calls; a plain mixin at runtime
+    _StrategyBase = strategies.ParallelStrategy
+else:
+    _StrategyBase = object
+
+
+class _AtomicShardedSave(_StrategyBase):
     """Mixin: stage a sharded checkpoint in ``<path>.partial``, then swap it in on rank 0 after a barrier."""
 
     def _saves_sharded(self) -> bool:
@@ -151,7 +157,8 @@ class ModelParallelStrategy(_AtomicShardedSave, strategies.ModelParallelStrategy
         if self._data_parallel_size == "auto" and isinstance(self._tensor_parallel_size, int):
             self._data_parallel_size = self.num_nodes * self.num_processes // self._tensor_parallel_size
         data_parallel = self._data_parallel_size if isinstance(self._data_parallel_size, int) else self.num_nodes
-        if self.root_device.type == "cpu" and data_parallel > 1 and torch.__version__ < CPU_FSDP2_TORCH:
+        torch_version = cast(Any, torch.__version__)  # a TorchVersion compares with tuples; its stub says only str
+        if self.root_device.type == "cpu" and data_parallel > 1 and torch_version < CPU_FSDP2_TORCH:
             # Measured with torch 2.7.1 and 2.8.0: FSDP2 over gloo returns the sum of the processes' gradients, not
             # their mean, without a warning (2.9.1 returns the mean). Adam hides it; clipping and SGD do not.
             raise ValueError(
@@ -172,7 +179,8 @@ class FSDPStrategy(_AtomicShardedSave, strategies.FSDPStrategy):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         on_cpu = self.root_device.type == "cpu"
-        if on_cpu and self._state_dict_type == "full" and torch.__version__ < CPU_FSDP1_FULL_CHECKPOINT_TORCH:
+        torch_version = cast(Any, torch.__version__)  # a TorchVersion compares with tuples; its stub says only str
+        if on_cpu and self._state_dict_type == "full" and torch_version < CPU_FSDP1_FULL_CHECKPOINT_TORCH:
             # Lightning saves full state dicts with offload_to_cpu=True. Before torch 2.14, FSDP's offload frees the
             # unsharded parameters while it copies them when they already live on the CPU: a segfault, not an error.
             raise ValueError(

@@ -215,7 +215,7 @@ class TokenCounter(Callback):
         # When and at which step Lightning itself logs (and LearningRateMonitor): once per batch that steps, also
         # when several optimizers each add one to global_step.
         if trainer._logger_connector.should_update_logs:
-            metrics = {"tokens/seen": self.tokens_seen, "tokens/step": self.step_tokens}
+            metrics: dict[str, float] = {"tokens/seen": self.tokens_seen, "tokens/step": self.step_tokens}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
 

@@ -19,14 +19,18 @@ from __future__ import annotations
 import os
 import random
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loops.progress import _ProcessedTracker
+    from lightning.pytorch.utilities import AttributeDict
 
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
@@ -40,7 +44,7 @@ def text_files(path: Path) -> list[Path]:
     """All regular files under ``path`` (or ``path`` itself), sorted; binary files are skipped when read."""
     if path.is_file():
         return [path]
-    found = []
+    found: list[Path] = []
     for folder, subfolders, names in os.walk(path):
         subfolders[:] = [d for d in subfolders if d not in EXCLUDED_DIRS]  # prune, do not walk site-packages
         found.extend(Path(folder, name) for name in names)
@@ -118,7 +122,7 @@ class ResumableShuffleSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        permutation = torch.randperm(len(self.dataset), generator=generator)[: self.total_size]
+        permutation = torch.randperm(len(cast(Sized, self.dataset)), generator=generator)[: self.total_size]
         return iter(permutation[self.rank :: self.num_replicas][self._start() :].tolist())
 
     def __len__(self) -> int:
@@ -177,7 +181,7 @@ class ByteCorpus(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.train_set is not None:
             return
-        hp = self.hparams
+        hp = cast("AttributeDict", self.hparams)  # save_hyperparameters made it one
         files = stdlib_source_files() if self.path is None else text_files(self.path)
         if len(files) == 1:
             data = read_split(files, hp.max_bytes + hp.max_val_bytes, hp.seed)
@@ -197,23 +201,24 @@ class ByteCorpus(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = ResumableShuffleSampler(self.train_set, world_size, rank, self.hparams.seed)
+        train_set = cast(ByteWindows, self.train_set)  # made by setup(), which Lightning calls first
+        sampler = ResumableShuffleSampler(train_set, world_size, rank, cast("AttributeDict", self.hparams).seed)
         if self._resume:
             self._check_resumable(world_size)
             epoch, batches = self._resume["epoch"], self._resume["batches"]
             if batches >= sampler.num_samples // self.batch_size:  # saved after the epoch's last batch: the next one
                 epoch, batches = epoch + 1, 0
             sampler.resume_at(epoch, batches * self.batch_size)
-        return self._loader(self.train_set, sampler)
+        return self._loader(train_set, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, None)
+        return self._loader(cast(ByteWindows, self.val_set), None)  # made by setup(), which Lightning calls first
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, None)
+        return self._loader(cast(ByteWindows, self.val_set), None)
 
     def _loader(self, dataset: Dataset, sampler: DistributedSampler | None) -> DataLoader:
-        workers = self.hparams.num_workers
+        workers = cast("AttributeDict", self.hparams).num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -227,7 +232,8 @@ class ByteCorpus(pl.LightningDataModule):
         """Where the train order stands: the epoch and the batches this process has consumed in it."""
         if self.trainer is None:
             return {}
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        # Lightning's batch progress counts processed batches; it declares its tracker as the base class, without them
+        progress = cast("_ProcessedTracker", self.trainer.fit_loop.epoch_loop.batch_progress.current)
         return {
             "epoch": self.trainer.current_epoch,
             "batches": progress.processed,

@@ -23,13 +23,16 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
+
+if TYPE_CHECKING:
+    from lightning.pytorch.utilities import AttributeDict
 
 AttentionScale = Literal["1/sqrt(d_head)", "1/d_head"]
 VOCAB_SIZE = 256  # one token per byte
@@ -159,7 +162,7 @@ class GPT(pl.LightningModule):
             self.head.weight.zero_()
         if zero_init_query:
             for block in self.blocks:
-                block.attn.qkv.weight[: self.width].zero_()
+                cast(Block, block).attn.qkv.weight[: self.width].zero_()  # nn.ModuleList yields any Module
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits of shape ``(batch, time, 256)`` for byte ids ``tokens`` of shape ``(batch, time)``."""
@@ -204,7 +207,7 @@ class GPT(pl.LightningModule):
         self.log("test/loss", self.test_loss)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        hp = self.hparams
+        hp = cast("AttributeDict", self.hparams)  # save_hyperparameters made it one
         return torch.optim.AdamW(self.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
 
     def configure_gradient_clipping(

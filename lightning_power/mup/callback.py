@@ -140,14 +140,15 @@ class MuP(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if sum(isinstance(cb, MuP) for cb in trainer.callbacks) > 1:
+        callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning, undeclared
+        if sum(isinstance(cb, MuP) for cb in callbacks) > 1:
             raise ValueError("more than one MuP callback is configured; keep one")
         if not any(True for _ in pl_module.parameters()):
             raise ValueError(f"{type(pl_module).__name__} has no parameters in setup; MuP needs them built in __init__")
         self._restored_plan = None
         self.plan = self._compute_plan(pl_module)
         if stage == "fit":
-            finder = any(isinstance(cb, LearningRateFinder) for cb in trainer.callbacks)
+            finder = any(isinstance(cb, LearningRateFinder) for cb in callbacks)
             if finder and self.plan.max_width_mult != 1.0:
                 raise ValueError(
                     "Lightning's LR finder (Tuner.lr_find, LearningRateFinder) sets every param group to one LR, so "
@@ -170,7 +171,8 @@ class MuP(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.loggers:
             return
-        log_dir = trainer.log_dir  # a collective: every rank asks
+        # a collective: every rank asks. A logger without a local folder (log_dir None) writes to the root dir
+        log_dir = trainer.log_dir or trainer.default_root_dir
         assert self.plan is not None
         if trainer.is_global_zero:
             applied = getattr(pl_module.__dict__.get("configure_optimizers"), "applied", {})
@@ -197,7 +199,7 @@ class MuP(Callback):
             if wrapper.inner is None:
                 del pl_module.configure_optimizers
             else:
-                pl_module.configure_optimizers = wrapper.inner
+                setattr(pl_module, "configure_optimizers", wrapper.inner)  # an instance attribute shadows the method
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -240,7 +242,7 @@ class _RegroupingConfigureOptimizers:
     """Stands in for ``pl_module.configure_optimizers``: calls the original, then splits every returned optimizer's
     param groups by the muP plan and rebases the LR schedulers returned with it."""
 
-    def __init__(self, module: nn.Module, inner: Any, plan: MuPPlan, family: OptimizerFamily | None) -> None:
+    def __init__(self, module: pl.LightningModule, inner: Any, plan: MuPPlan, family: OptimizerFamily | None) -> None:
         self.module, self.inner, self.plan, self.family = module, inner, plan, family
         # parameter name -> the muP rules and the LR and WD factors of its param group
         self.applied: dict[str, tuple[OptimizerFamily, float, float]] = {}
@@ -264,7 +266,8 @@ def _install_regrouping(pl_module: pl.LightningModule, plan: MuPPlan, family: Op
     if isinstance(current, _RegroupingConfigureOptimizers):
         current.plan, current.family = plan, family
         return
-    pl_module.configure_optimizers = _RegroupingConfigureOptimizers(pl_module, current, plan, family)
+    # An instance attribute shadows the method (setattr: mypy refuses an assignment to a method)
+    setattr(pl_module, "configure_optimizers", _RegroupingConfigureOptimizers(pl_module, current, plan, family))
 
 
 def _optimizers_and_schedulers(result: Any) -> tuple[list[torch.optim.Optimizer], list[Any]]:

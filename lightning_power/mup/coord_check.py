@@ -53,7 +53,7 @@ import sys
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import torch
 import yaml
@@ -169,7 +169,7 @@ class CoordCheckResult:
         import matplotlib.pyplot as plt
 
         kinds = list(dict.fromkeys(_kind(name) for name in self.l1))
-        colors = plt.get_cmap("tab20").colors
+        colors: Sequence[Any] = getattr(plt.get_cmap("tab20"), "colors")  # a ListedColormap's; typed as any Colormap
         fig, axes = plt.subplots(1, self.steps, figsize=(2.6 * self.steps + 1, 3.4), sharey=True, squeeze=False)
         for t, ax in enumerate(axes[0], start=1):
             labelled = set()
@@ -299,7 +299,8 @@ def coord_check(
             torch.manual_seed(seed)
             net = factory(width).float().train()
             plan = MuPPlan.from_models(net, base, delta, readout)
-            opt = optimizer_cls(net.parameters(), lr=lr, **(optimizer_args or {}))
+            make_optimizer: Callable[..., torch.optim.Optimizer] = optimizer_cls  # a subclass: it takes lr
+            opt = make_optimizer(net.parameters(), lr=lr, **(optimizer_args or {}))
             if mup:
                 if model_init is not None:
                     plan.apply_init(net, model_init)
@@ -473,7 +474,7 @@ def _loss(net: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], torch.
         return loss_fn(net, batch)
     with warnings.catch_warnings():  # LightningModule.log without a Trainer
         warnings.filterwarnings("ignore", message=".*self.log.*")
-        out = net.training_step(batch, 0)
+        out = cast("Callable[[Any, int], Any]", net.training_step)(batch, 0)  # nn.Module types it Tensor | Module
     return out["loss"] if isinstance(out, Mapping) else out
 
 

@@ -42,7 +42,7 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import torch
 import yaml
@@ -352,7 +352,7 @@ class MuPPlan:
         if family is not None:
             family = _check_family(family)
         elif len(recorded) == 1 and None not in recorded:  # every group built by param_groups for one family
-            family = next(iter(recorded))
+            family = cast(OptimizerFamily, next(iter(recorded)))  # the one family that param_groups recorded
             with contextlib.suppress(UnknownOptimizerFamily):  # a class muP does not know: trust the groups
                 family = detect_optimizer_family(optimizer)
         else:
@@ -372,7 +372,8 @@ class MuPPlan:
         if _has_stepped(optimizer):
             raise RuntimeError("muP must regroup an optimizer before its first step; this one has taken steps")
         names = _names_by_id(model)
-        new_groups, origin = [], []
+        new_groups: list[dict[str, Any]] = []
+        origin: list[int] = []
         for index, group in enumerate(optimizer.param_groups):
             split = [group] if "mup_lr_factor" in group else self._split(group, names, family)
             new_groups.extend(split)

@@ -67,7 +67,10 @@ def attach_readout_multiplier(module: nn.Module, width_mult: float) -> ReadoutMu
 
 def readout_multiplier_of(module: nn.Module) -> ReadoutMultiplier | None:
     """The :class:`ReadoutMultiplier` attached to ``module``, if any."""
-    return next((h for h in module._forward_pre_hooks.values() if isinstance(h, ReadoutMultiplier)), None)
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, ReadoutMultiplier):
+            return hook
+    return None
 
 
 def attention_scale(head_dim: int, base_head_dim: int | None = None) -> float:

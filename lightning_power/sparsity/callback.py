@@ -210,7 +210,7 @@ class UpdateSparsityMonitor(Callback):
         if self._checker is None:
             return
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "update_sparsity"  # collective (broadcast)
-        tag = "native" if self.compare_as is None else self.compare_as
+        tag: str = "native" if self.compare_as is None else self.compare_as
         tag += f"-atol{self.atol:g}" if self.atol else ""
         if self.save_masks:
             self._write_masks(trainer, out_dir / f"masks-{tag}-step{trainer.global_step}.npz")
@@ -253,6 +253,13 @@ class UpdateSparsityMonitor(Callback):
 
     # ---------------------------------------------------------------------------------------------- internals
 
+    @property
+    def _live_checker(self) -> UpdateChecker:
+        """The checker of the fit: ``on_train_start`` makes it, before any of the internals below runs."""
+        if self._checker is None:
+            raise RuntimeError("UpdateSparsityMonitor has no checker: on_train_start has not run")
+        return self._checker
+
     def _settings(self) -> dict[str, Any]:
         return {
             "compare_as": self.compare_as,
@@ -285,7 +292,7 @@ class UpdateSparsityMonitor(Callback):
         return device if needed * (1 + self.since_last) <= free // 2 else torch.device("cpu")
 
     def _start(self, trainer: pl.Trainer, log_dir: Path) -> None:
-        checker = self._checker
+        checker = self._live_checker
         if self.reference == FIT_START:
             checker.reference.capture(checker.local_tensors())
             reference_step, fingerprint = trainer.global_step, None
@@ -326,7 +333,7 @@ class UpdateSparsityMonitor(Callback):
                 f"UpdateSparsityMonitor cannot resume on {trainer.world_size} processes: its reference "
                 f"snapshots are per-rank shards of a {state['world_size']}-process run"
             )
-        if "sharded" in state and was_sharded != (self._checker.group is not None):
+        if "sharded" in state and was_sharded != (self._live_checker.group is not None):
             kinds = ("unsharded (one device or DDP)", "sharded (FSDP or FSDP2)")
             raise ValueError(
                 f"UpdateSparsityMonitor cannot resume a {kinds[was_sharded]} run {kinds[not was_sharded]}: its "
@@ -335,11 +342,11 @@ class UpdateSparsityMonitor(Callback):
         kept = ("version", "settings", "history", "layer_history", "nan_reported")
         self._run = {k: v for k, v in state.items() if k not in kept}
         # Older states did not record it; their snapshots (loaded below) load only into the layout they came from.
-        self._run.setdefault("sharded", self._checker.group is not None)
+        self._run.setdefault("sharded", self._live_checker.group is not None)
         self.history = [(step, metrics) for step, metrics in state["history"]]
         self._layer_history = state["layer_history"]
         self._nan_reported = set(state["nan_reported"])
-        checker = self._checker
+        checker = self._live_checker
         if self.reference == FIT_START:
             checker.reference.load(self._snapshot_path("reference"), self._identity(self._run["reference_step"]))
             self._reference_written = True
@@ -360,7 +367,7 @@ class UpdateSparsityMonitor(Callback):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if "state_dict" not in checkpoint:
             raise ValueError(f"reference {self.reference!r} has no 'state_dict' (not a Lightning checkpoint)")
-        self._checker.load_reference(checkpoint["state_dict"])
+        self._live_checker.load_reference(checkpoint["state_dict"])
         return {"path": str(path.resolve()), "bytes": path.stat().st_size, "global_step": checkpoint.get("global_step")}
 
     def _snapshot_path(self, kind: str, step: int | None = None) -> Path:
@@ -378,7 +385,7 @@ class UpdateSparsityMonitor(Callback):
         }
 
     def _check(self, trainer: pl.Trainer, step: int) -> None:
-        counts = self._checker.count()
+        counts = self._live_checker.count()
         event = None
         if counts.is_cuda:  # read the counts back without waiting: they are logged at the next hook
             host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
@@ -414,13 +421,13 @@ class UpdateSparsityMonitor(Callback):
 
     def _unchanged(self, rows: list[list[int]], column: int, indices: list[int] | range) -> float:
         """Fraction of the elements of parameters ``indices`` that ``rows[:, column]`` does not count as changed."""
-        numels = self._checker.whole_numels
+        numels = self._live_checker.whole_numels
         n = sum(numels[i] for i in indices)
         return 1.0 - sum(rows[i][column] for i in indices) / n if n else 1.0
 
     def _metrics(self, rows: list[list[int]]) -> dict[str, float]:
         """The whole-model metrics of one check, from its reduced counts; warns about new NaN parameters."""
-        numels = self._checker.whole_numels
+        numels = self._live_checker.whole_numels
         total = sum(numels)
         everything = range(len(rows))
         metrics = {"update_sparsity/total": self._unchanged(rows, counting.CHANGED, everything)}
@@ -429,7 +436,7 @@ class UpdateSparsityMonitor(Callback):
         if self.since_last:
             metrics["update_sparsity/since_last"] = self._unchanged(rows, counting.CHANGED_SINCE_LAST, everything)
         metrics["update_sparsity/frozen_fraction"] = sum(numels[i] for i in self._frozen) / total if total else 0.0
-        names = [part.name for part in self._checker.parts]
+        names = [part.name for part in self._live_checker.parts]
         new_nans = [names[i] for i, row in enumerate(rows) if row[counting.NAN] and names[i] not in self._nan_reported]
         if new_nans:
             self._nan_reported.update(new_nans)
@@ -438,8 +445,9 @@ class UpdateSparsityMonitor(Callback):
 
     def _rank_metrics(self) -> dict[str, float]:
         metrics = {}
-        for index, part in enumerate(self._checker.parts):
-            delta = self._checker.update_matrix(index)  # collective: every rank, same order
+        checker = self._live_checker
+        for index, part in enumerate(checker.parts):
+            delta = checker.update_matrix(index)  # collective: every rank, same order
             if delta is not None:
                 fraction, stable = update_rank(delta)
                 metrics[f"update_rank/{part.name}"] = fraction
@@ -456,7 +464,7 @@ class UpdateSparsityMonitor(Callback):
         }
         error = None
         try:
-            write_masks(path, self._checker, metadata, writer=trainer.is_global_zero)
+            write_masks(path, self._live_checker, metadata, writer=trainer.is_global_zero)
         except OSError as exc:
             error = str(exc)
         error = trainer.strategy.broadcast(error)

@@ -16,6 +16,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -136,7 +137,7 @@ class UpdateChecker:
         """Count segment ``i`` in chunk buffer ``i % 2`` while segment ``i + 1`` is copied into the other."""
         cuda = self.device.type == "cuda"
         compute = torch.cuda.current_stream(self.device) if cuda else None
-        if cuda:
+        if compute is not None:
             self._copy_in.wait_stream(compute)
         free: list[torch.cuda.Event | None] = [None, None]  # when each buffer may be overwritten
         for i, segment in enumerate(self._segments):
@@ -144,24 +145,24 @@ class UpdateChecker:
             window = slice(segment.start, segment.start + segment.length)
             staged = self._staging[i % 2][:, : segment.length * bits.itemsize].view(bits)
             ref, last = staged[0], (None if self.last is None else staged[1])
-            with torch.cuda.stream(self._copy_in) if cuda else contextlib.nullcontext():
-                if free[i % 2] is not None:
-                    self._copy_in.wait_event(free[i % 2])
+            with _on_stream(self._copy_in if cuda else None):
+                if (event := free[i % 2]) is not None:
+                    self._copy_in.wait_event(event)
                 ref.copy_(self.reference.buffers[segment.group][window], non_blocking=True)
-                if last is not None:
+                if last is not None and self.last is not None:  # both or neither
                     last.copy_(self.last.buffers[segment.group][window], non_blocking=True)
-            if cuda:
+            if compute is not None:
                 compute.wait_stream(self._copy_in)
             self._count_segment(tensors, i, ref, last, counts)
-            if last is None:
-                free[i % 2] = compute.record_event() if cuda else None
+            if last is None or self.last is None:
+                free[i % 2] = compute.record_event() if compute is not None else None
                 continue
-            if cuda:
+            if compute is not None:
                 self._copy_out.wait_stream(compute)
-            with torch.cuda.stream(self._copy_out) if cuda else contextlib.nullcontext():
+            with _on_stream(self._copy_out if cuda else None):
                 self.last.buffers[segment.group][window].copy_(last, non_blocking=True)
                 free[i % 2] = self._copy_out.record_event() if cuda else None
-        if cuda:
+        if compute is not None:
             compute.wait_stream(self._copy_out)
 
     def _plan_segments(self, chunk_bytes: int) -> Iterator[_Segment]:
@@ -239,3 +240,10 @@ class UpdateChecker:
 
     def _group_of(self, index: int) -> int:
         return next(i for i, g in enumerate(self.layout.groups) if index in g.params)
+
+
+def _on_stream(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager[Any]:
+    """``torch.cuda.stream(stream)``, or no context without a stream (on CPU)."""
+    if stream is None:
+        return contextlib.nullcontext()
+    return torch.cuda.stream(stream)

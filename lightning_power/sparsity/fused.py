@@ -71,13 +71,13 @@ class Plan:
                 raise ValueError(f"parameter {piece.param} is not aligned to its dtype ({distance} bytes from base)")
             start = distance // itemsize + piece.start
             body = piece.length - piece.length % ALIGN_ELEMENTS
-            aligned = start % ALIGN_ELEMENTS == 0 and piece.snapshot_start % ALIGN_ELEMENTS == 0
+            piece_aligned = start % ALIGN_ELEMENTS == 0 and piece.snapshot_start % ALIGN_ELEMENTS == 0
             for offset in range(0, piece.length, tile):
-                length = min(tile, (body if aligned else piece.length) - offset)
+                length = min(tile, (body if piece_aligned else piece.length) - offset)
                 if length > 0:
                     row = (piece.param, start + offset, piece.snapshot_start + offset, length)
-                    rows[0 if aligned else 1].append(row)
-            if aligned and body < piece.length:  # the last few elements
+                    rows[0 if piece_aligned else 1].append(row)
+            if piece_aligned and body < piece.length:  # the last few elements
                 rows[1].append((piece.param, start + body, piece.snapshot_start + body, piece.length - body))
         aligned, unaligned = (torch.tensor(r, dtype=torch.int64).reshape(-1, 4).T.contiguous().to(device) for r in rows)
         return cls(base, aligned, unaligned, torch.cat([aligned[0], unaligned[0]]))
