@@ -69,6 +69,7 @@ from common import (
 from lightning_power.calibrate import (
     PAPER_A,
     PAPER_B,
+    REJECT_SIGMAS,
     CellOptimum,
     SweepRun,
     cell_optima,
@@ -78,7 +79,6 @@ from lightning_power.calibrate import (
 )
 
 NAME = "calibrate_power"
-REJECT_SIGMA = 2.0  # the sweep rejects the paper's p = 1 when its free batch exponent lies further than this from 1
 SUMMARY_KEYS = (  # what analyze() writes into the JSON, every key present (None when it does not apply)
     "optima",
     "fit",
@@ -133,7 +133,7 @@ def sweep_runs(runs: list[dict]) -> list[SweepRun]:
 def analyze(runs: list[dict], amplitude_runs: list[dict], config: dict[str, Any]) -> dict[str, Any]:
     """Cell optima, the paper's fit (p = 1), the fit with a free batch exponent p, the Power scheduler's amplitude
     search, and the YAML of the law the sweep supports: the paper's, unless the sweep puts p more than
-    ``REJECT_SIGMA`` standard errors from 1, with the searched amplitude. A fit that cannot be made is reported with
+    ``REJECT_SIGMAS`` standard errors from 1, with the searched amplitude. A fit that cannot be made is reported with
     its reason."""
     optima = cell_optima(sweep_runs(runs))
     summary: dict[str, Any] = dict.fromkeys(SUMMARY_KEYS) | {"optima": [_cell(c) for c in optima]}
@@ -145,7 +145,8 @@ def analyze(runs: list[dict], amplitude_runs: list[dict], config: dict[str, Any]
         free = fit_power_law(optima, batch_exponent=None)
     except ValueError:
         free = None
-    rejected = free is not None and abs(free.batch_exponent - 1) > REJECT_SIGMA * free.batch_exponent_stderr
+    sigmas = paper.free_batch_exponent_sigmas(1.0)
+    rejected = free is not None and sigmas is not None and sigmas > REJECT_SIGMAS
     fit = free if rejected else paper
     law = {"a": fit.a, "b": fit.b, "batch_exponent": fit.batch_exponent, "lr_max": fit.max_optimal_lr}
     search = amplitude_search(amplitude_runs, law)

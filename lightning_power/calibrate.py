@@ -52,6 +52,7 @@ from lightning_power.schedules import check_batch_exponent, check_positive, chec
 
 PAPER_A, PAPER_B = 4.6, -0.51  # the paper's own fit on RedPajama (arXiv 2408.13359, Eq. 5)
 MIN_CELLS = 3  # two parameters and at least one degree of freedom for the uncertainty
+REJECT_SIGMAS = 2.0  # a free batch exponent further than this many standard errors from p rejects a law with that p
 RUN_COLUMNS = ("batch_tokens", "tokens", "lr", "loss")  # of a sweep file (CSV header or JSON keys)
 
 
@@ -162,6 +163,13 @@ class PowerLawFit:
     def a_stderr(self) -> float:
         """Standard error of ``a`` (delta method: ``a * log_a_stderr``)."""
         return self.a * self.log_a_stderr
+
+    def free_batch_exponent_sigmas(self, p: float = 1.0) -> float | None:
+        """How many standard errors the free batch exponent lies from ``p``: more than ``REJECT_SIGMAS`` rejects a law
+        with that p on this sweep. ``None`` without a free fit, or when its standard error is 0 (noise-free cells)."""
+        if self.free_batch_exponent is None or not self.free_batch_exponent_stderr:
+            return None
+        return abs(self.free_batch_exponent - p) / self.free_batch_exponent_stderr
 
     @property
     def max_optimal_lr(self) -> float:
@@ -427,6 +435,12 @@ def format_fit(fit: PowerLawFit) -> str:
         lines.append(
             f"# free batch exponent: eta_opt ~ beta^{fit.free_batch_exponent:.2f} +- "
             f"{fit.free_batch_exponent_stderr:.2f} (the paper's law assumes 1)"
+        )
+    sigmas = fit.free_batch_exponent_sigmas(fit.batch_exponent)
+    if fit.batch_exponent_stderr is None and sigmas is not None and sigmas > REJECT_SIGMAS:
+        lines.append(
+            f"# this sweep rejects p = {fit.batch_exponent:g} by {sigmas:.1f} standard errors: the LR will not carry "
+            "over between batch sizes; refit with --batch-exponent fit (fit_power_law(..., batch_exponent=None))"
         )
     return "\n".join(lines)
 

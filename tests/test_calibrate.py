@@ -442,3 +442,27 @@ def test_the_table_divides_eta_opt_by_beta_to_the_fitted_power():
     assert len(rows) == len(BATCHES) * len(TOKENS)
     for _, _, tokens, _, gamma, _ in rows:  # eta_opt / beta^0.5 = a T^b, whatever the batch
         assert float(gamma) == pytest.approx(A * float(tokens) ** B, rel=1e-3)
+
+
+@pytest.mark.parametrize("batch_exponent", [0.7, 1.0])
+def test_the_table_advises_a_batch_exponent_fit_when_the_sweep_rejects_p(batch_exponent):
+    optima = noisy_optima(batch_exponent=batch_exponent, sigma=0.1)
+    log_beta = np.log([c.batch_tokens / 4096 for c in optima])
+    log_t, log_lr = np.log([c.tokens for c in optima]), np.log([c.lr for c in optima])
+    coef, cov, _ = ordinary_least_squares([np.ones(len(optima)), log_beta, log_t], log_lr)
+    sigmas_from_one = abs(coef[1] - 1) / math.sqrt(cov[1, 1])
+    assert (sigmas_from_one > 2) == (batch_exponent == 0.7)  # the two cases lie on either side of the threshold
+
+    fixed = fit_power_law(optima)
+    assert fixed.free_batch_exponent_sigmas(1.0) == pytest.approx(sigmas_from_one, rel=1e-9)
+    advice = [line for line in format_fit(fixed).splitlines() if "--batch-exponent fit" in line]
+    if batch_exponent == 0.7:
+        assert advice == [
+            f"# this sweep rejects p = 1 by {sigmas_from_one:.1f} standard errors: the LR will not carry over between "
+            "batch sizes; refit with --batch-exponent fit (fit_power_law(..., batch_exponent=None))"
+        ]
+    else:
+        assert advice == []
+    # a law with p fitted, or fixed at a value the sweep accepts, needs no advice
+    assert "--batch-exponent fit" not in format_fit(fit_power_law(optima, batch_exponent=None))
+    assert "--batch-exponent fit" not in format_fit(fit_power_law(optima, batch_exponent=round(coef[1], 2)))
