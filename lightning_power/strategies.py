@@ -101,15 +101,18 @@ class _AtomicShardedSave(_StrategyBase):
         self._swap_into_place(staging, path)
 
     def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Load ``checkpoint_path``, or its ``<path>.old`` when a kill between a swap's two renames left only that."""
+        """Load ``checkpoint_path``, or, when it is missing, the previous checkpoint that a kill between a swap's two
+        renames left at :func:`aside_path` (``ckpt_path="last"`` finds that one itself)."""
         path = Path(checkpoint_path)
-        aside = path.with_name(path.name + ".old")
-        if not path.exists() and aside.exists():
-            rank_zero_warn(
-                f"{str(path)!r} is missing: a save was stopped while swapping in its new version. Resuming from the "
-                f"previous checkpoint {str(aside)!r}"
-            )
-            checkpoint_path = aside
+        if not path.exists():
+            for aside in (aside_path(path), path.with_name(path.name + ".old")):  # the second: earlier builds' name
+                if aside.exists():
+                    rank_zero_warn(
+                        f"{str(path)!r} is missing: a save was stopped while swapping in its new version. Resuming "
+                        f"from the previous checkpoint {str(aside)!r}"
+                    )
+                    checkpoint_path = aside
+                    break
         return super().load_checkpoint(checkpoint_path, *args, **kwargs)
 
     def _swap_into_place(self, staging: Path, path: Path) -> None:
@@ -120,19 +123,29 @@ class _AtomicShardedSave(_StrategyBase):
 
 
 def replace_path(new: Path, target: Path) -> None:
-    """Put ``new`` (a file or folder) at ``target``; the old ``target`` is moved aside to ``<target>.old`` first and
-    removed last.
+    """Put ``new`` (a file or folder) at ``target``; the old ``target`` is moved aside to :func:`aside_path` first
+    and removed last.
 
     At every instant ``target`` holds the complete old or the complete new checkpoint, or, between the two renames,
-    ``<target>.old`` holds the old one (``load_checkpoint`` falls back to it). A ``<target>.old`` left by a kill in
-    that window, with no ``target``, is kept until ``new`` is in place.
+    the aside path holds the old one. That name (``last.ckpt`` -> ``last.old.ckpt``) is still a ``last*.ckpt``, so
+    ``ckpt_path="last"`` finds it, and ``load_checkpoint`` falls back to it when given ``target``. An aside left by
+    a kill in that window, with no ``target``, is kept until ``new`` is in place.
     """
-    old = target.with_name(target.name + ".old")
+    old = aside_path(target)
     if target.exists() or target.is_symlink():
         _remove(old)
         target.rename(old)
     new.rename(target)
     _remove(old)
+    _remove(target.with_name(target.name + ".old"))  # where earlier versions set the old checkpoint aside
+
+
+def aside_path(target: Path) -> Path:
+    """Where :func:`replace_path` keeps the old ``target`` while it swaps: ``last.ckpt`` -> ``last.old.ckpt``.
+
+    The name keeps the suffix, so Lightning's ``ckpt_path="last"`` (``last*.ckpt`` in the checkpoint folder) finds it
+    when a kill left only it, and it keeps the stem, so it sorts beside ``target``."""
+    return target.with_name(f"{target.stem}.old{target.suffix}")
 
 
 def _remove(path: Path) -> None:

@@ -36,6 +36,8 @@ class SlidingColumns(pl.LightningModule):
     of the step, so a resumed run sees the same batches. Under ``ModelParallelStrategy`` it shards itself (FSDP2).
     """
 
+    data_seed = 1000  # the data's values (not which columns are active): branches of one checkpoint differ in it
+
     def __init__(self) -> None:
         super().__init__()
         self.first = nn.Linear(N_COLUMNS, HIDDEN)
@@ -45,7 +47,7 @@ class SlidingColumns(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         step = self.global_step
-        generator = torch.Generator().manual_seed(1000 + 10 * step + self.global_rank)
+        generator = torch.Generator().manual_seed(self.data_seed + 10 * step + self.global_rank)
         inputs, targets = torch.randn(4, N_COLUMNS, generator=generator), torch.randn(4, 3, generator=generator)
         active = torch.zeros(N_COLUMNS)
         active[max(step - 1, 0) : step + 2] = 1.0
@@ -395,6 +397,49 @@ def test_stop_and_resume_reports_the_same_sequence(tmp_path):
         assert (tmp_path / f"resume{step}" / heatmap).read_bytes() == (tmp_path / "a" / heatmap).read_bytes()
 
 
+def test_branches_of_one_checkpoint_each_resume_from_their_own_since_last_snapshot(tmp_path):
+    """Two runs branched from one checkpoint (e.g. two WSD decays) share its run id and snapshot folder, and both save
+    a checkpoint between the same two checks. Each must resume from the since-last snapshot of its own weights."""
+
+    def branch(data_seed: int) -> SlidingColumns:
+        model = fresh_model()
+        model.data_seed = data_seed  # other values, same active columns: the ground truth holds for each branch
+        return model
+
+    def checkpoints(name):
+        return ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=1, save_top_k=-1)
+
+    fit(branch(1000), UpdateSparsityMonitor(every_n_steps=2), tmp_path / "parent", 1, callbacks=[checkpoints("p")])
+    start = next((tmp_path / "p").glob("*step=1.ckpt"))
+    for name, seed in (("a", 2000), ("b", 3000)):  # both save at step 3, between the checks at 2 and 4
+        fit(branch(seed), UpdateSparsityMonitor(every_n_steps=2), tmp_path / name, 3, start, [checkpoints(name)])
+    for name in ("a", "b"):
+        resumed = UpdateSparsityMonitor(every_n_steps=2)
+        seed = {"a": 2000, "b": 3000}[name]
+        fit(
+            branch(seed),
+            resumed,
+            tmp_path / f"{name}-resumed",
+            4,
+            ckpt_path=next((tmp_path / name).glob("*step=3.ckpt")),
+        )
+        assert_history(resumed.history, expected_history([2, 4]))
+    folder = tmp_path / "parent" / "update_sparsity"
+    assert len(list(folder.glob("reference-*"))) == 1  # the reference of step 0 is the parent's, shared on purpose
+    assert len(list(folder.glob("since_last-*-step2-*"))) == 2  # one per branch
+
+    # A checkpoint of an older version names its since-last file without a fit token, and still resumes.
+    checkpoint = torch.load(next((tmp_path / "b").glob("*step=3.ckpt")), weights_only=False)
+    state = checkpoint["callbacks"]["UpdateSparsityMonitor"]
+    token = state.pop("since_last_fit")
+    file = folder / f"since_last-{state['run_id']}-fit{token}-step2-rank0-of-1.pt"
+    file.rename(folder / f"since_last-{state['run_id']}-step2-rank0-of-1.pt")
+    torch.save(checkpoint, tmp_path / "older.ckpt")
+    resumed = UpdateSparsityMonitor(every_n_steps=2)
+    fit(branch(3000), resumed, tmp_path / "older", 4, ckpt_path=tmp_path / "older.ckpt")
+    assert_history(resumed.history, expected_history([2, 4]))
+
+
 def test_resume_refuses_changed_settings_missing_snapshots_and_other_world_sizes_of_sharded_runs(tmp_path):
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
     fit(fresh_model(), UpdateSparsityMonitor(every_n_steps=2), tmp_path / "run", max_steps=3, callbacks=[checkpoints])
@@ -546,6 +591,42 @@ def test_heatmap_and_tensorboard(tmp_path):
     events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0}).Reload()
     assert "update_sparsity/heatmap" in events.Tags()["images"]
     assert "update_sparsity/total" in events.Tags()["scalars"]
+
+
+class WithHyperparameters(SlidingColumns):
+    def __init__(self, lr: float = 0.01) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+
+def test_settings_are_in_hparams_yaml_and_tensorboard_keeps_one_hparams_session(tmp_path):
+    """TensorBoardLogger writes hparams.yaml once, at Lightning's first save after it logs the module's hyperparameters;
+    the settings must be in it by then, and must not open a second hparams session in the event file."""
+    import yaml
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    torch.manual_seed(0)
+    loggers = [TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")]
+    fit(WithHyperparameters(), UpdateSparsityMonitor(every_n_steps=1, atol=1e-3), tmp_path, 2, logger=loggers)
+    expected = {
+        "lr": 0.01,
+        "update_sparsity/compare_as": "None",
+        "update_sparsity/atol": 0.001,
+        "update_sparsity/reference": "fit_start",
+    }
+    for name in ("tb", "csv"):
+        assert yaml.safe_load((tmp_path / name / "version_0" / "hparams.yaml").read_text()) == expected
+    sessions = []
+    for file in (tmp_path / "tb" / "version_0").glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(file)).Load():
+            for value in event.summary.value:
+                if value.tag == "_hparams_/session_start_info":
+                    content = value.metadata.plugin_data.content
+                    sessions.append(
+                        sorted(plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams)
+                    )
+    assert sessions == [["lr"]]  # Lightning's session with the module's hyperparameters, and no other
 
 
 def test_unwritable_log_folder_is_a_clear_error_before_training(tmp_path):

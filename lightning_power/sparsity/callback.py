@@ -55,9 +55,10 @@ class UpdateSparsityMonitor(Callback):
     Parameters that are not floating point (e.g. frozen int8 quantized weights) are left out of every count and
     denominator, with one warning that names them.
 
-    The settings (``compare_as``, ``atol``, ``reference``) go to each logger's hyperparameters. At the end of the fit
-    it writes a per-layer heatmap PNG (also to TensorBoard) and, with ``save_masks``, the bit-packed change masks
-    that ``lightning-power sparsity-overlap`` compares, both under ``<log_dir>/update_sparsity/``.
+    The settings (``compare_as``, ``atol``, ``reference``) go to each logger's hyperparameters when the fit is set
+    up (with ``TensorBoardLogger``: to ``hparams.yaml``, not to the HPARAMS tab, which shows the module's). At the end
+    of the fit it writes a per-layer heatmap PNG (also to TensorBoard) and, with ``save_masks``, the bit-packed change
+    masks that ``lightning-power sparsity-overlap`` compares, both under ``<log_dir>/update_sparsity/``.
 
     Args:
         every_n_steps: check whenever ``trainer.global_step`` reaches or passes a multiple of this (>= 1): every this
@@ -135,11 +136,27 @@ class UpdateSparsityMonitor(Callback):
         self._restored: dict[str, Any] | None = None
         self._pending: tuple[int, torch.Tensor, torch.cuda.Event | None, dict[str, float], pl.Trainer] | None = None
         self._run: dict[str, Any] = {}  # run identity and progress: what the checkpoint keeps
+        self._fit_token = ""  # names this fit's since-last files; set on every rank at the start of each fit
         self._last_seen_step = -1
         self._reference_written = False
         self._nan_reported: set[str] = set()
 
     # ---------------------------------------------------------------------------------------------------- hooks
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Record the settings in the loggers' hyperparameters, before Lightning logs the module's and saves them."""
+        if stage != "fit":
+            return
+        settings = {"compare_as": str(self.compare_as), "atol": self.atol, "reference": self.reference}
+        params = {f"update_sparsity/{key}": value for key, value in settings.items()}
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                # Into the hparams that its first save() writes to hparams.yaml, without an hparams session in the
+                # event file (no metrics, no session): the module's, which Lightning logs next, stays the only one.
+                logger.log_hyperparams(params, metrics={})
+            else:
+                logger.log_hyperparams(params)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -182,15 +199,15 @@ class UpdateSparsityMonitor(Callback):
                 f"UpdateSparsityMonitor: {len(self._frozen)} frozen parameters are counted as unchanged "
                 f"(update_sparsity/frozen_fraction): {[names[i] for i in self._frozen][:10]}"
             )
+        # This fit's own token, the same on every rank: runs branched from one checkpoint share its run id, so the
+        # since-last files each fit writes carry it, and the checkpoint records the file it needs.
+        self._fit_token = trainer.strategy.broadcast(uuid.uuid4().hex[:12])
         if self._restored is not None:
             self._resume(trainer, self._restored)
             self._restored = None
         else:
             self._start(trainer, log_dir)
         self._last_seen_step = trainer.global_step
-        settings = {"compare_as": str(self.compare_as), "atol": self.atol, "reference": self.reference}
-        for logger in trainer.loggers:
-            logger.log_hyperparams({f"update_sparsity/{k}": v for k, v in settings.items()})
 
     @override
     def on_train_batch_end(
@@ -247,9 +264,10 @@ class UpdateSparsityMonitor(Callback):
             self._reference_written = True
         last_step = self._run["last_check_step"]
         if self._checker.last is not None and last_step != trainer.global_step:
-            path = self._snapshot_path("since_last", last_step)
-            if not path.exists():
-                self._checker.last.save(path, self._identity(last_step))
+            fit = self._run.get("since_last_fit")
+            path = self._snapshot_path("since_last", last_step, fit)
+            if not path.exists():  # written by this fit (its token), or the very file this fit resumed from
+                self._checker.last.save(path, self._identity(last_step, fit))
 
     # ---------------------------------------------------------------------------------------------- internals
 
@@ -314,6 +332,7 @@ class UpdateSparsityMonitor(Callback):
             "reference_step": reference_step,
             "reference_checkpoint": fingerprint,
             "last_check_step": trainer.global_step,
+            "since_last_fit": self._fit_token,  # the fit whose since-last files hold the snapshot of last_check_step
             "n_checks": 0,
         }
         self._reference_written = False
@@ -359,8 +378,10 @@ class UpdateSparsityMonitor(Callback):
             last_step = self._run["last_check_step"]
             if last_step == trainer.global_step:
                 checker.last.capture(checker.local_tensors())
-            else:
-                checker.last.load(self._snapshot_path("since_last", last_step), self._identity(last_step))
+                self._run["since_last_fit"] = self._fit_token
+            else:  # the file the checkpoint was saved with; older states (no token) name it without one
+                fit = self._run.get("since_last_fit")
+                checker.last.load(self._snapshot_path("since_last", last_step, fit), self._identity(last_step, fit))
 
     def _load_reference_checkpoint(self) -> dict[str, Any]:
         path = Path(self.reference)
@@ -370,19 +391,23 @@ class UpdateSparsityMonitor(Callback):
         self._live_checker.load_reference(checkpoint["state_dict"])
         return {"path": str(path.resolve()), "bytes": path.stat().st_size, "global_step": checkpoint.get("global_step")}
 
-    def _snapshot_path(self, kind: str, step: int | None = None) -> Path:
-        """``<dir>/reference-<run id>-rank<r>-of-<W>.pt``, ``<dir>/since_last-<run id>-step<S>-rank<r>-of-<W>.pt``."""
+    def _snapshot_path(self, kind: str, step: int | None = None, fit: str | None = None) -> Path:
+        """``<dir>/reference-<run id>-rank<r>-of-<W>.pt``,
+        ``<dir>/since_last-<run id>-fit<token>-step<S>-rank<r>-of-<W>.pt`` (no ``-fit<token>`` in older runs)."""
+        by_fit = "" if fit is None else f"-fit{fit}"
         at_step = "" if step is None else f"-step{step}"
-        name = f"{kind}-{self._run['run_id']}{at_step}-rank{self._file_rank}-of-{self._run['world_size']}.pt"
+        name = f"{kind}-{self._run['run_id']}{by_fit}{at_step}-rank{self._file_rank}-of-{self._run['world_size']}.pt"
         return Path(self._run["dir"]) / name
 
-    def _identity(self, step: int) -> dict[str, Any]:
-        return {
+    def _identity(self, step: int, fit: str | None = None) -> dict[str, Any]:
+        """What a snapshot file records and loading checks: run, rank, step and, for since-last files, the fit."""
+        identity = {
             "run_id": self._run["run_id"],
             "rank": self._file_rank,
             "world_size": self._run["world_size"],
             "step": step,
         }
+        return identity if fit is None else {**identity, "fit": fit}
 
     def _check(self, trainer: pl.Trainer, step: int) -> None:
         counts = self._live_checker.count()
@@ -394,6 +419,7 @@ class UpdateSparsityMonitor(Callback):
             event.record()
             counts = host
         self._run["last_check_step"] = step
+        self._run["since_last_fit"] = self._fit_token  # the since-last snapshot is now this fit's
         self._run["n_checks"] += 1
         extra = {}
         if self.rank_every_n_checks and self._run["n_checks"] % self.rank_every_n_checks == 0:

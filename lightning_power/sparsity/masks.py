@@ -27,6 +27,7 @@ import os
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -116,7 +117,12 @@ def _write_archive(file: BinaryIO, masks: Iterator[tuple[str, torch.Size, torch.
 
 @dataclass(frozen=True)
 class MaskFile:
-    """A masks file opened for reading: its metadata and lazy access to each parameter's packed bytes."""
+    """A masks file opened for reading: its metadata and lazy access to each parameter's packed bytes.
+
+    Opening checks the metadata (each parameter's ``name``, ``shape`` and ``changed``); reading a member checks it
+    against them (``uint8``, ``ceil(numel / 8)`` bytes, zero padding bits, ``changed`` set bits). A file that
+    contradicts itself raises a ``ValueError`` that names the file, the parameter and what was expected.
+    """
 
     path: Path
     metadata: dict[str, Any]
@@ -137,7 +143,10 @@ class MaskFile:
         if metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
             found = f"format {metadata.get('format')!r} version {metadata.get('version')!r}"
             raise ValueError(f"{str(path)!r} has {found}; expected {FORMAT!r} version {VERSION}")
-        missing = [p["name"] for p in metadata.get("parameters", []) if p["name"] not in archive.files]
+        problems = _metadata_problems(metadata)
+        if problems:
+            raise ValueError(f"{str(path)!r} is damaged: its metadata is not valid:\n  " + "\n  ".join(problems))
+        missing = [p["name"] for p in metadata["parameters"] if p["name"] not in archive.files]
         if missing:
             raise ValueError(f"{str(path)!r} is damaged: its metadata lists parameters it does not hold: {missing[:5]}")
         return cls(path, metadata, archive)
@@ -146,14 +155,82 @@ class MaskFile:
     def parameters(self) -> list[dict[str, Any]]:
         return self.metadata["parameters"]
 
+    @cached_property
+    def _entries(self) -> dict[str, dict[str, Any]]:
+        return {entry["name"]: entry for entry in self.parameters}
+
+    def entry(self, name: str) -> dict[str, Any]:
+        """The metadata of parameter ``name`` (``name``, ``shape``, ``changed``)."""
+        if name not in self._entries:
+            raise KeyError(f"{str(self.path)!r} has no parameter {name!r}")
+        return self._entries[name]
+
     def packed(self, name: str) -> np.ndarray:
+        """The packed mask of parameter ``name``, checked against its metadata."""
+        return self.read(name)[0]
+
+    def read(self, name: str) -> tuple[np.ndarray, int]:
+        """The packed mask of parameter ``name`` and its number of set bits, checked against the metadata."""
+        entry = self.entry(name)
         try:
-            return self.archive[name]
+            packed = self.archive[name]
         except (OSError, ValueError, zipfile.BadZipFile) as error:  # a damaged entry (bad CRC, truncated data)
             raise ValueError(f"{str(self.path)!r} is damaged: cannot read {name!r}: {error}") from error
+        numel = math.prod(entry["shape"])
+        expected = f"a {entry['shape']} mask packs into a 1-D uint8 array of {math.ceil(numel / 8)} bytes"
+        if packed.dtype != np.uint8 or packed.shape != (math.ceil(numel / 8),):
+            raise ValueError(
+                f"{str(self.path)!r} is damaged: member {name!r} is a {packed.dtype} array of shape {packed.shape}; "
+                f"{expected}"
+            )
+        padding = (8 - numel % 8) % 8
+        if padding and int(packed[-1]) & ((1 << padding) - 1):
+            raise ValueError(
+                f"{str(self.path)!r} is damaged: member {name!r} sets padding bits after its {numel} elements; "
+                "they must be 0"
+            )
+        changed = popcount(packed)
+        if changed != entry["changed"]:
+            raise ValueError(
+                f"{str(self.path)!r} is damaged: member {name!r} has {changed} changed elements (set bits), its "
+                f"metadata says {entry['changed']}"
+            )
+        return packed, changed
 
     def unpacked(self, name: str) -> np.ndarray:
         """The boolean mask of parameter ``name`` in its shape."""
-        entry = next(p for p in self.parameters if p["name"] == name)
-        numel = math.prod(entry["shape"])
-        return np.unpackbits(self.packed(name), count=numel, bitorder="big").astype(bool).reshape(entry["shape"])
+        shape = self.entry(name)["shape"]
+        return np.unpackbits(self.packed(name), count=math.prod(shape), bitorder="big").astype(bool).reshape(shape)
+
+
+def _metadata_problems(metadata: dict[str, Any], limit: int = 20) -> list[str]:
+    """What the metadata lacks or gets wrong for reading the masks; empty when it is valid."""
+    if metadata.get("bit_order") != "big":
+        return [f"bit_order is {metadata.get('bit_order')!r}, expected 'big'"]
+    parameters = metadata.get("parameters")
+    if not isinstance(parameters, list):
+        return [f"parameters is {type(parameters).__name__}, expected a list of {{name, shape, changed}} objects"]
+    problems, seen = [], set()
+    for index, entry in enumerate(parameters):
+        where = f"parameters[{index}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where} is {type(entry).__name__}, expected an object with name, shape and changed")
+            continue
+        lacks = [key for key in ("name", "shape", "changed") if key not in entry]
+        if lacks:
+            problems.append(f"{where} ({entry.get('name', '?')!r}) lacks {lacks}")
+            continue
+        name, shape, changed = entry["name"], entry["shape"], entry["changed"]
+        if not isinstance(name, str) or name in seen or name == METADATA:
+            problems.append(f"{where}: name {name!r} is not a string unique to one parameter")
+        else:
+            seen.add(name)
+        if not isinstance(shape, list) or not all(_is_count(size) for size in shape):
+            problems.append(f"{where} ({name!r}): shape {shape!r} is not a list of integers >= 0")
+        elif not _is_count(changed) or changed > math.prod(shape):
+            problems.append(f"{where} ({name!r}): changed {changed!r} is not an integer in [0, {math.prod(shape)}]")
+    return problems[:limit] + ([f"... and {len(problems) - limit} more"] if len(problems) > limit else [])
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

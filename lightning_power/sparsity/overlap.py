@@ -74,12 +74,14 @@ def overlap(a: str | os.PathLike | MaskFile, b: str | os.PathLike | MaskFile) ->
                 f"the masks were made with different {key}: {a.metadata.get(key)!r} vs {b.metadata.get(key)!r}",
                 stacklevel=2,
             )
-    names = [p["name"] for p in a.parameters]
+    names = [p["name"] for p in a.parameters]  # B may list the parameters in another order
     numels = [math.prod(p["shape"]) for p in a.parameters]
-    changed_a = [p["changed"] for p in a.parameters]
-    changed_in_b = {p["name"]: p["changed"] for p in b.parameters}  # B may list the parameters in another order
-    changed_b = [changed_in_b[name] for name in names]
-    both = [popcount(a.packed(name), b.packed(name)) for name in names]
+    changed_a, changed_b, both = [], [], []
+    for name in names:  # every count from the bits (which reading checks against the metadata): ratios stay <= 1
+        (bits_a, count_a), (bits_b, count_b) = a.read(name), b.read(name)
+        changed_a.append(count_a)
+        changed_b.append(count_b)
+        both.append(popcount(bits_a, bits_b))
     layers = {}
     for layer, indices in group_by_layer(names).items():
         n, ca, cb, ab = (sum(values[i] for i in indices) for values in (numels, changed_a, changed_b, both))
