@@ -2,7 +2,8 @@
 
 Two LightningCLI traps are fixed here:
 
-- a scheduler chosen under ``lr_scheduler:`` steps once per **optimizer step** (LightningCLI's default is per epoch);
+- a scheduler chosen under ``lr_scheduler:`` steps once per **optimizer step** (LightningCLI's default is per epoch),
+  and a ``lightning.pytorch.cli.ReduceLROnPlateau`` once after **each validation** (LightningCLI's: at each epoch end);
 - the optimizer chosen under ``optimizer:`` is built inside ``configure_optimizers``, i.e. **after** the strategy has
   wrapped and sharded the model. LightningCLI builds it at start-up, so under ``ModelParallelStrategy`` (FSDP2) it would
   hold stale, pre-sharding parameters and train nothing.
@@ -27,8 +28,19 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
-from lightning.pytorch.cli import LightningCLI, ReduceLROnPlateau, instantiate_class
+from lightning.pytorch.cli import (
+    LightningCLI,
+    LRSchedulerTypeTuple,
+    LRSchedulerTypeUnion,
+    ReduceLROnPlateau,
+    instantiate_class,
+)
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.optim import Optimizer
 
 from lightning_power.strategies import use_atomic_checkpoint_io
 
@@ -41,26 +53,37 @@ TOOLS: dict[str, str] = {
 }
 
 
-def configure_optimizers_from_config(
-    lightning_module: pl.LightningModule, optimizer_init: dict[str, Any], lr_scheduler_init: dict[str, Any] | None
-) -> dict[str, Any]:
-    """Build the configured optimizer over the module's *current* parameters, and step its scheduler per step."""
-    optimizer = instantiate_class(lightning_module.parameters(), optimizer_init)
-    if lr_scheduler_init is None:
-        return {"optimizer": optimizer}
-    scheduler = instantiate_class(optimizer, lr_scheduler_init)
-    if isinstance(scheduler, ReduceLROnPlateau):  # it needs a metric, so it stays on the validation cadence
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": scheduler.monitor}}
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        raise ValueError(
-            "lr_scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau has no `monitor` argument to name the metric it "
-            "steps on; use lightning.pytorch.cli.ReduceLROnPlateau with init_args.monitor (e.g. val/loss) instead"
-        )
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+# A frequency Lightning's own stepping never reaches: _PlateauAfterValidation steps these schedulers instead
+_STEPPED_AFTER_VALIDATION = sys.maxsize
+
+
+class _PlateauAfterValidation(Callback):
+    """Steps the CLI's ``ReduceLROnPlateau`` once after each validation of ``fit``, on the metric it just logged.
+
+    Lightning steps a plateau scheduler at the end of each training epoch (or every ``frequency`` batches of the
+    epoch), which drifts from ``val_check_interval``: a validation inside an epoch would go unseen.
+    """
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not pl_module.automatic_optimization:
+            return
+        for config in trainer.lr_scheduler_configs:
+            if not config.reduce_on_plateau or config.frequency != _STEPPED_AFTER_VALIDATION:
+                continue
+            value = trainer.callback_metrics.get(str(config.monitor))
+            if value is None:
+                raise ValueError(
+                    f"lr_scheduler: ReduceLROnPlateau monitors {config.monitor!r}, which validation did not log; "
+                    f"it logged {sorted(trainer.callback_metrics)}"
+                )
+            pl_module.lr_scheduler_step(config.scheduler, value)
 
 
 class LightningPowerCLI(LightningCLI):
     """LightningCLI whose YAML optimizer is built lazily and whose YAML scheduler steps per optimizer step.
+
+    Everything else about the YAML optimizer follows LightningCLI: the 'AUTOMATIC' argument groups, the warning when
+    it replaces the model's own ``configure_optimizers``, and the overridable static ``configure_optimizers``.
 
     It also adds a ``LearningRateMonitor`` (per step) whenever the trainer has a logger, writes checkpoint files
     atomically on any filesystem (:class:`~lightning_power.strategies.AtomicCheckpointIO` in place of Lightning's
@@ -103,15 +126,63 @@ class LightningPowerCLI(LightningCLI):
             )
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
-        optimizer_init = self._get(self.config_init, "optimizer")
-        if not self.auto_configure_optimizers or not optimizer_init:
+        """LightningCLI's own rules (the one 'AUTOMATIC' optimizer and scheduler, the override warning, the
+        ``configure_optimizers`` hook), except that the optimizer and scheduler are built inside the model's
+        ``configure_optimizers``, over the parameters the strategy left."""
+        if not self.auto_configure_optimizers:
             return
-        lr_scheduler_init = self._get(self.config_init, "lr_scheduler")
+        parser = self._parser(subcommand)
+        optimizers = _automatic_keys(Optimizer, parser._optimizers)
+        lr_schedulers = _automatic_keys(LRSchedulerTypeTuple, parser._lr_schedulers)
+        if not optimizers:
+            return
+        if len(optimizers) > 1 or len(lr_schedulers) > 1:
+            raise MisconfigurationException(
+                f"`{self.__class__.__name__}.add_configure_optimizers_method_to_model` expects at most one optimizer "
+                f"and one lr_scheduler to be 'AUTOMATIC', but found {optimizers + lr_schedulers}. In this case the "
+                "user is expected to link the argument groups and implement `configure_optimizers`, see "
+                "https://lightning.ai/docs/pytorch/stable/common/lightning_cli.html"
+                "#optimizers-and-learning-rate-schedulers"
+            )
+        optimizer_class = parser._optimizers[optimizers[0]][0]
+        optimizer_init = _with_class_path(optimizer_class, self._get(self.config_init, optimizers[0]))
+        if not optimizer_init:  # registered automatically, but the config names no optimizer
+            return
+        lr_scheduler_init = None
+        if lr_schedulers:
+            lr_scheduler_class = parser._lr_schedulers[lr_schedulers[0]][0]
+            lr_scheduler_init = _with_class_path(lr_scheduler_class, self._get(self.config_init, lr_schedulers[0]))
+        if is_overridden("configure_optimizers", self.model):
+            rank_zero_warn(
+                f"`{self.model.__class__.__name__}.configure_optimizers` will be overridden by "
+                f"`{self.__class__.__name__}.configure_optimizers`."
+            )
+        hook = self.configure_optimizers
 
-        def configure_optimizers(lightning_module: pl.LightningModule) -> dict[str, Any]:
-            return configure_optimizers_from_config(lightning_module, optimizer_init, lr_scheduler_init)
+        def configure_optimizers(lightning_module: pl.LightningModule) -> Any:
+            optimizer = instantiate_class(lightning_module.parameters(), optimizer_init)
+            lr_scheduler = instantiate_class(optimizer, lr_scheduler_init) if lr_scheduler_init else None
+            return hook(lightning_module, optimizer, lr_scheduler)
 
         self.model.configure_optimizers = MethodType(configure_optimizers, self.model)
+
+    @staticmethod
+    def configure_optimizers(
+        lightning_module: pl.LightningModule, optimizer: Optimizer, lr_scheduler: LRSchedulerTypeUnion | None = None
+    ) -> Any:
+        """The model's ``configure_optimizers`` return: the scheduler steps per optimizer step, a plateau one after
+        each validation. Override it (as in LightningCLI) to return something else."""
+        if lr_scheduler is None:
+            return {"optimizer": optimizer}
+        if isinstance(lr_scheduler, ReduceLROnPlateau):
+            config = {"monitor": lr_scheduler.monitor, "interval": "step", "frequency": _STEPPED_AFTER_VALIDATION}
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, **config}}
+        if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise ValueError(
+                "lr_scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau has no `monitor` argument to name the metric "
+                "it steps on; use lightning.pytorch.cli.ReduceLROnPlateau with init_args.monitor (e.g. val/loss)"
+            )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -120,7 +191,29 @@ class LightningPowerCLI(LightningCLI):
         has_monitor = any(isinstance(cb, LearningRateMonitor) for cb in callbacks)
         if trainer.loggers and not has_monitor:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks.insert(0, _PlateauAfterValidation())  # before ModelCheckpoint: a checkpoint holds the stepped LR
         return trainer
+
+
+def _automatic_keys(
+    class_type: type | tuple[type, ...], register: dict[str, tuple[type | tuple[type, ...], str]]
+) -> list[str]:
+    """The argument groups registered for ``class_type`` that the CLI itself wires to the model ('AUTOMATIC')."""
+    automatic = []
+    for key, (registered, link_to) in register.items():
+        classes = registered if isinstance(registered, tuple) else (registered,)
+        if link_to == "AUTOMATIC" and any(issubclass(c, class_type) for c in classes):
+            automatic.append(key)
+    return automatic
+
+
+def _with_class_path(registered: type | tuple[type, ...], init: Any) -> Any:
+    """A single-class registration (``add_optimizer_args(torch.optim.SGD)``) parses to the bare init arguments:
+    give them their class path, as LightningCLI does. A registration of several classes parses to a class path."""
+    if isinstance(registered, tuple):
+        return init
+    init_args = init.as_dict() if isinstance(init, Namespace) else init
+    return {"class_path": f"{registered.__module__}.{registered.__name__}", "init_args": init_args or {}}
 
 
 def _load_tool(target: str) -> Callable[[list[str]], int]:

@@ -2,8 +2,12 @@ import math
 
 import lightning.pytorch as pl
 import pytest
+import torch
+from lightning.pytorch.cli import instantiate_class
+from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_power.cli import main
+from lightning_power.cli import LightningPowerCLI, main
 from tests.helpers.jobs import CONFIGS, read_metrics
 from tests.helpers.tiny import tiny_cli_args
 
@@ -108,6 +112,30 @@ def test_yaml_reduce_lr_on_plateau_steps_on_the_validation_metric(tmp_path):
     assert [lr for _, lr in metrics["lr-AdamW"]] == pytest.approx([0.01] * 6 + [0.005] * 3, rel=1e-12)
 
 
+def test_yaml_reduce_lr_on_plateau_steps_right_after_each_validation_inside_an_epoch():
+    # Validation every 2 batches inside a long first epoch; every validation after the first is a plateau (it does not
+    # improve val/loss by 10 nats), so the LR halves right after the validations at steps 4 and 6.
+    main(
+        [
+            "fit",
+            "--config",
+            DEMO,
+            *tiny_cli_args(max_steps=8),
+            "--trainer.logger=false",
+            "--trainer.val_check_interval=2",
+            "--optimizer.lr=0.01",
+            "--lr_scheduler=lightning.pytorch.cli.ReduceLROnPlateau",
+            "--lr_scheduler.monitor=val/loss",
+            "--lr_scheduler.factor=0.5",
+            "--lr_scheduler.patience=0",
+            "--lr_scheduler.threshold=10",
+            "--lr_scheduler.threshold_mode=abs",
+            "--trainer.callbacks+=tests.test_cli.RecordLR",
+        ]
+    )
+    assert RecordLR.lrs == pytest.approx([0.01] * 4 + [0.005] * 2 + [0.0025] * 2, rel=1e-12)
+
+
 def test_torchs_reduce_lr_on_plateau_is_refused_with_the_class_that_takes_a_monitor():
     args = ["fit", "--config", DEMO, *tiny_cli_args(max_steps=1), "--trainer.logger=false"]
     with pytest.raises(ValueError, match=r"use lightning\.pytorch\.cli\.ReduceLROnPlateau with init_args\.monitor"):
@@ -134,3 +162,105 @@ def test_help_lists_the_tools(capsys):
     out = capsys.readouterr().out
     for tool in ("coord-check", "sparsity-overlap", "recommend"):
         assert tool in out
+
+
+BORING_FIT = [
+    "fit",
+    "--trainer.max_steps=3",
+    "--trainer.logger=false",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.limit_val_batches=0",
+]
+
+
+class LRBoringModel(BoringModel):
+    """BoringModel that records the LR each optimizer step uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lrs: list[float] = []
+
+    def on_before_optimizer_step(self, optimizer):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def test_single_class_registrations_get_their_class_path_and_the_scheduler_steps_per_step():
+    class SGDCLI(LightningPowerCLI):
+        def add_arguments_to_parser(self, parser):
+            parser.add_optimizer_args(torch.optim.SGD)
+            parser.add_lr_scheduler_args(torch.optim.lr_scheduler.ExponentialLR)
+
+    args = [*BORING_FIT, "--optimizer.lr=0.5", "--lr_scheduler.gamma=0.5"]
+    cli = SGDCLI(LRBoringModel, BoringDataModule, args=args, save_config_callback=None)
+    assert isinstance(cli.trainer.optimizers[0], torch.optim.SGD)
+    assert cli.model.lrs == pytest.approx([0.5, 0.25, 0.125], rel=1e-12)
+
+
+class LinkedOptimizerModel(LRBoringModel):
+    """Builds its own optimizer from a linked config, with its own schedule: 0.1 x the optimizer's LR."""
+
+    def __init__(self, optimizer_init: dict | None = None) -> None:
+        super().__init__()
+        self.optimizer_init = optimizer_init
+
+    def configure_optimizers(self):
+        optimizer = instantiate_class(self.parameters(), self.optimizer_init)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.1)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_an_optimizer_linked_to_the_model_keeps_the_models_configure_optimizers():
+    class LinkedCLI(LightningPowerCLI):
+        def add_arguments_to_parser(self, parser):
+            parser.add_optimizer_args((torch.optim.SGD, torch.optim.Adam), link_to="model.optimizer_init")
+
+    args = [*BORING_FIT, "--optimizer=SGD", "--optimizer.lr=0.5"]
+    cli = LinkedCLI(LinkedOptimizerModel, BoringDataModule, args=args, save_config_callback=None)
+    assert isinstance(cli.trainer.lr_scheduler_configs[0].scheduler, torch.optim.lr_scheduler.LambdaLR)
+    assert cli.model.lrs == pytest.approx([0.05] * 3, rel=1e-12)
+
+
+def test_a_subclass_configure_optimizers_hook_gets_the_optimizer_built_over_the_trained_parameters():
+    received = []
+
+    class EpochCLI(LightningPowerCLI):
+        @staticmethod
+        def configure_optimizers(lightning_module, optimizer, lr_scheduler=None):
+            received.append((lightning_module, optimizer, lr_scheduler))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "epoch"}}
+
+    args = [*BORING_FIT, "--optimizer=SGD", "--optimizer.lr=0.5", "--lr_scheduler=StepLR", "--lr_scheduler.step_size=1"]
+    cli = EpochCLI(LRBoringModel, BoringDataModule, args=args, save_config_callback=None)
+    [(module, optimizer, scheduler)] = received
+    assert module is cli.model and optimizer is cli.trainer.optimizers[0]
+    assert {id(p) for p in optimizer.param_groups[0]["params"]} == {id(p) for p in cli.model.parameters()}
+    assert scheduler is cli.trainer.lr_scheduler_configs[0].scheduler
+    assert cli.trainer.lr_scheduler_configs[0].interval == "epoch"
+    assert cli.model.lrs == [0.5] * 3  # StepLR(gamma=0.1) per epoch: no step within the first epoch
+
+
+class OwnOptimizerModel(BoringModel):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_yaml_optimizer_replacing_the_models_own_configure_optimizers_warns():
+    args = [*BORING_FIT, "--optimizer=Adam", "--optimizer.lr=0.01"]
+    match = r"`OwnOptimizerModel.configure_optimizers` will be overridden by `LightningPowerCLI.configure_optimizers`"
+    with pytest.warns(UserWarning, match=match):
+        cli = LightningPowerCLI(OwnOptimizerModel, BoringDataModule, args=args, save_config_callback=None)
+    assert isinstance(cli.trainer.optimizers[0], torch.optim.Adam)
+
+
+def test_more_than_one_automatic_optimizer_is_refused_as_in_lightning_cli():
+    class TwoOptimizersCLI(LightningPowerCLI):
+        def add_arguments_to_parser(self, parser):
+            parser.add_optimizer_args(torch.optim.SGD)
+            parser.add_optimizer_args(torch.optim.Adam, nested_key="second_optimizer")
+
+    args = [*BORING_FIT, "--optimizer.lr=0.1"]
+    found = r"\['optimizer', 'second_optimizer', 'lr_scheduler'\]"
+    with pytest.raises(MisconfigurationException, match=rf"expects at most one optimizer .* but found {found}"):
+        TwoOptimizersCLI(BoringModel, BoringDataModule, args=args, save_config_callback=None)
