@@ -8,19 +8,22 @@ Counting convention: the LR used by optimizer step k (0-based) is the schedule a
 step's batch: ``(k + 1) * tokens_per_step`` tokens, or ``k + 1`` steps. So the first update is never at LR 0.
 
 On resume (``load_state_dict``) the checkpoint gives the counters: ``last_epoch`` (optimizer steps taken),
-``tokens_counted``/``steps_counted`` and ``batch_tokens`` (the last measured batch, used only without
-``tokens_per_step``). The current config gives everything else: the initial LRs, ``a``, ``b``, ``lr_max``,
-``tokens_per_step``, warmup, decay, total, ``decay_shape``, ``min_lr_ratio``, ``reference_sequence_length`` and
-``units``. So new decay settings at resume branch a decay from the checkpoint.
+``tokens_counted``/``steps_counted``, ``steps_skipped`` (scheduler steps that trained nothing) and ``batch_tokens``
+(the last measured batch, used only without ``tokens_per_step``). The current config gives everything else: the
+initial LRs, ``a``, ``b``, ``lr_max``, ``tokens_per_step``, warmup, decay, total, ``decay_shape``, ``min_lr_ratio``,
+``reference_sequence_length`` and ``units``. So new decay settings at resume branch a decay from the checkpoint.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_power.schedules import (
@@ -32,6 +35,28 @@ from lightning_power.schedules import (
 )
 
 _COUNTERS = ("last_epoch", "_step_count", "tokens_counted", "steps_counted", "batch_tokens")
+_OPTIONAL_COUNTERS = {"steps_skipped": 0}  # absent from checkpoints of earlier versions
+# What only this process needs, kept out of state_dict() and pickles: the optimizer hook that checks the stepping.
+_RUNTIME = (
+    "_step_hook",
+    "_epoch_at_optimizer_step",
+    "_optimizer_steps_at_epoch",
+    "_warned_unstepped",
+    "fed_by_counter",
+)
+
+
+def _watch_optimizer_steps(scheduler: TokenScheduler) -> RemovableHandle:
+    """Call ``scheduler._after_optimizer_step()`` after each step of its optimizer; the hook does not keep the
+    scheduler alive."""
+    scheduler_ref = weakref.ref(scheduler)
+
+    def after_optimizer_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        watched = scheduler_ref()
+        if watched is not None:
+            watched._after_optimizer_step()
+
+    return scheduler.optimizer.register_step_post_hook(after_optimizer_step)
 
 
 class TokenScheduler(LRScheduler):
@@ -40,6 +65,11 @@ class TokenScheduler(LRScheduler):
     Token counters: ``tokens_counted`` is the number of tokens consumed by the first ``steps_counted`` optimizer
     steps; every later step is assumed to consume ``batch_tokens`` (the fixed ``tokens_per_step``, or the last batch
     a :class:`~lightning_power.tokens.TokenCounter` measured), until :meth:`set_step_tokens` reports the real count.
+    ``steps_skipped`` counts the scheduler steps that trained nothing (:meth:`uncount_last_step`).
+
+    It must be stepped once per optimizer step. A hook on the optimizer checks it: after two optimizer steps without
+    a scheduler step at an LR nobody else changed (e.g. Lightning's ``interval="epoch"``), a schedule that counts
+    tokens raises a ``ValueError``; one that counts steps warns once.
     """
 
     def __init__(self, optimizer: Optimizer, *, tokens_per_step: int | None, last_epoch: int) -> None:
@@ -51,8 +81,14 @@ class TokenScheduler(LRScheduler):
         self.tokens_per_step = tokens_per_step
         self.tokens_counted = 0
         self.steps_counted = 0
+        self.steps_skipped = 0
         self.batch_tokens = tokens_per_step
+        self.fed_by_counter = False  # set by a TokenCounter, which reports the tokens of each step that trains
+        self._epoch_at_optimizer_step: int | None = None  # last_epoch at the last optimizer step
+        self._optimizer_steps_at_epoch = 0  # optimizer steps taken since last_epoch last changed
+        self._warned_unstepped = False
         super().__init__(optimizer, last_epoch)
+        self._step_hook = _watch_optimizer_steps(self)
 
     def factor(self) -> float:
         """The LR multiplier of every param group for optimizer step ``last_epoch``."""
@@ -62,6 +98,57 @@ class TokenScheduler(LRScheduler):
         """The tokens at which the schedule reaches its floor, or ``None`` (no horizon, or not counted in tokens)."""
         return None
 
+    def counts_tokens(self) -> bool:
+        """Whether the schedule advances by tokens (else by optimizer steps)."""
+        return True
+
+    def decay_start(self) -> int | None:
+        """Where the decay starts, in the schedule's units (tokens or steps); ``None`` without a decay."""
+        return None
+
+    def units_consumed(self) -> int:
+        """The units (tokens or steps) consumed by the optimizer steps taken, as of the last report."""
+        if not self.counts_tokens():
+            return self.last_epoch - self.steps_skipped
+        if self.batch_tokens is None:
+            return self.tokens_counted
+        return self.tokens_counted + (self.last_epoch - self.steps_counted) * self.batch_tokens
+
+    def _after_optimizer_step(self) -> None:
+        """Refuse (tokens) or warn about (steps) a schedule left unstepped across optimizer steps, its LR frozen."""
+        if self.last_epoch != self._epoch_at_optimizer_step:  # stepped since the last optimizer step (or first step)
+            self._epoch_at_optimizer_step, self._optimizer_steps_at_epoch = self.last_epoch, 1
+            return
+        self._optimizer_steps_at_epoch += 1
+        if self.last_epoch < 0:
+            return  # SequentialLR undid the construction step: idle until its milestone
+        if [group["lr"] for group in self.optimizer.param_groups] != self._last_lr:
+            return  # something else sets the LR for now, e.g. Lightning's LR finder
+        name = type(self).__name__
+        message = (
+            f"{name} must be stepped once per optimizer step: configure it with interval='step' and frequency=1 "
+            "(Lightning's default for `return [optimizer], [scheduler]` is interval='epoch'), or call "
+            f"scheduler.step() after every optimizer.step(); {self._optimizer_steps_at_epoch} optimizer steps ran "
+            "at the same LR since its last step"
+        )
+        if self.counts_tokens():
+            raise ValueError(message)
+        if not self._warned_unstepped:
+            self._warned_unstepped = True
+            rank_zero_warn(f"{message}. It counts its own steps, so they are the scheduler steps (e.g. epochs) now.")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The torch default (every attribute but the optimizer), without the optimizer hook of this process."""
+        return {key: value for key, value in super().state_dict().items() if key not in _RUNTIME}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if key != "_step_hook"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._step_hook = _watch_optimizer_steps(self)  # on the unpickled or copied optimizer
+
     @override
     def get_lr(self) -> list[Any]:  # floats; recent torch declares list[float | Tensor], torch 2.7 list[float]
         factor = self.factor()
@@ -70,7 +157,7 @@ class TokenScheduler(LRScheduler):
     def tokens_through_current_step(self) -> int | None:
         """Tokens consumed by optimizer steps 0 .. ``last_epoch`` inclusive; ``None`` before any batch is known."""
         if self.batch_tokens is None:
-            if self.last_epoch > self.steps_counted:
+            if self.last_epoch > self.steps_counted and not self.fed_by_counter:
                 raise ValueError(
                     f"{type(self).__name__} counts tokens but nothing reports them: pass tokens_per_step=<tokens per "
                     "optimizer step, all ranks and gradient accumulation included>, or add "
@@ -92,16 +179,19 @@ class TokenScheduler(LRScheduler):
         self._apply_lr()
 
     def uncount_last_step(self) -> None:
-        """Count the last ``step()`` as 0 tokens, and apply the LR that follows.
+        """Count the last ``step()`` as 0 tokens and as no optimizer step (``steps_skipped``), and apply the LR that
+        follows.
 
-        Lightning steps a step-interval scheduler also after a batch that the module skipped by returning -1 from
-        ``on_train_batch_start``, which trained nothing. :class:`~lightning_power.tokens.TokenCounter` calls this then.
+        Lightning steps a step-interval scheduler also at a batch that trained nothing: one the module skipped by
+        returning -1 from ``on_train_batch_start``, a ``None`` batch, or an accumulation window whose
+        ``training_step`` returned ``None`` throughout. :class:`~lightning_power.tokens.TokenCounter` calls this then.
         """
         if self.last_epoch <= self.steps_counted:
             return
         if self.batch_tokens is not None:
             self.tokens_counted += (self.last_epoch - 1 - self.steps_counted) * self.batch_tokens
         self.steps_counted = self.last_epoch
+        self.steps_skipped += 1
         self._apply_lr()
 
     def _apply_lr(self) -> None:
@@ -129,10 +219,37 @@ class TokenScheduler(LRScheduler):
             raise KeyError(f"{type(self).__name__} state_dict lacks {missing}; was it saved by another scheduler?")
         for key in _COUNTERS:
             setattr(self, key, state_dict[key])
+        for key, default in _OPTIONAL_COUNTERS.items():
+            setattr(self, key, state_dict.get(key, default))
         self._bank_uncounted_steps()
         if self.tokens_per_step is not None:
             self.batch_tokens = self.tokens_per_step
+        saved_lrs = state_dict.get("_last_lr")
         self._apply_lr()
+        self._warn_if_branched_behind(state_dict, saved_lrs)
+
+    def _warn_if_branched_behind(self, state_dict: dict[str, Any], saved_lrs: list[Any] | None) -> None:
+        """Warn when new settings put the decay start behind the checkpoint: the LR jumps instead of decaying."""
+        start = self.decay_start()
+        consumed = self.units_consumed()
+        if start is None or consumed <= start:
+            return
+        changed = [
+            key for key in self._schedule_settings() if key in state_dict and state_dict[key] != getattr(self, key)
+        ]
+        if not changed:
+            return  # the same schedule, resumed inside its own decay
+        lrs = f" (the checkpoint's LR {saved_lrs[0]:.6g}, now {self._last_lr[0]:.6g})" if saved_lrs else ""
+        rank_zero_warn(
+            f"{type(self).__name__} resumed at {consumed} {'tokens' if self.counts_tokens() else 'steps'} with new "
+            f"settings ({', '.join(f'{key}: {state_dict[key]!r} -> {getattr(self, key)!r}' for key in changed)}) "
+            f"whose decay starts earlier, at {start}: the LR jumps to the middle of that decay{lrs}. To branch a "
+            f"decay from this checkpoint, start it at {consumed} or later"
+        )
+
+    def _schedule_settings(self) -> tuple[str, ...]:
+        """The settings that shape the schedule, compared with a checkpoint's on resume."""
+        return ()
 
 
 def _base_lr(group: dict[str, Any]) -> float:
@@ -201,6 +318,11 @@ class PowerScheduler(TokenScheduler):
         last_epoch: int = -1,
     ) -> None:
         reference_lr = max(_base_lr(group) for group in optimizer.param_groups)
+        if not reference_lr > 0:
+            raise ValueError(
+                f"{type(self).__name__} scales each param group's initial LR by power_lr(n) / the largest one, so "
+                f"the optimizer's LR must be > 0, got {reference_lr!r}"
+            )
         if lr_max is None:
             lr_max = reference_lr
         check_power_args(
@@ -215,11 +337,6 @@ class PowerScheduler(TokenScheduler):
             reference_sequence_length=reference_sequence_length,
             batch_exponent=batch_exponent,
         )
-        if not reference_lr > 0:
-            raise ValueError(
-                f"{type(self).__name__} scales each param group's initial LR by power_lr(n) / the largest one, so "
-                f"the optimizer's LR must be > 0, got {reference_lr!r}"
-            )
         self.a, self.b, self.lr_max, self.batch_exponent = a, b, lr_max, batch_exponent
         self.reference_lr = reference_lr
         self.warmup_tokens, self.decay_tokens, self.total_tokens = warmup_tokens, decay_tokens, total_tokens
@@ -230,6 +347,14 @@ class PowerScheduler(TokenScheduler):
     @override
     def end_tokens(self) -> int | None:
         return self.total_tokens
+
+    @override
+    def decay_start(self) -> int | None:
+        return None if self.total_tokens is None else self.total_tokens - self.decay_tokens
+
+    @override
+    def _schedule_settings(self) -> tuple[str, ...]:
+        return ("a", "b", "lr_max", "warmup_tokens", "decay_tokens", "total_tokens", "decay_shape", "min_lr_ratio")
 
     @override
     def factor(self) -> float:
@@ -312,11 +437,24 @@ class WSDScheduler(TokenScheduler):
         return self.total if self.units == "tokens" else None
 
     @override
+    def counts_tokens(self) -> bool:
+        return self.units == "tokens"
+
+    @override
+    def decay_start(self) -> int | None:
+        return self.total - self.decay
+
+    @override
+    def _schedule_settings(self) -> tuple[str, ...]:
+        return ("warmup", "total", "decay", "decay_shape", "min_lr_ratio", "units")
+
+    @override
     def factor(self) -> float:
-        """``wsd_factor(t)`` with t = ``last_epoch + 1`` steps, or the tokens through this step (0 before known)."""
+        """``wsd_factor(t)`` with t = the optimizer steps through this one (``last_epoch + 1 - steps_skipped``), or the
+        tokens through this step (0 before known)."""
         t: int | None
         if self.units == "steps":
-            t = self.last_epoch + 1
+            t = self.last_epoch + 1 - self.steps_skipped
         else:
             t = self.tokens_through_current_step()
             if t is None:

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -29,9 +30,9 @@ def count_tokens(batch: Any, *, mask_key: str = "attention_mask", tokens_key: st
 
     - a tensor: ``numel()``;
     - a tuple or list: the first tensor in it, e.g. ``inputs`` of an ``(inputs, targets)`` batch;
-    - a mapping: ``batch[mask_key].sum()`` when the mask is present (padding excluded; it must be a (batch, sequence)
-      or (sequence,) mask), else
-      ``batch[tokens_key].numel()``.
+    - a mapping: the nonzero entries of ``batch[mask_key]`` when the mask is present (padding excluded; it must be a
+      (batch, sequence) or (sequence,) mask of any dtype: 0/1, bool, float, or segment ids with 0 for padding), else
+      ``batch[tokens_key].numel()``. Counting nonzeros, not summing, keeps a half-precision mask exact.
     """
     if isinstance(batch, torch.Tensor):
         return batch.numel()
@@ -52,7 +53,7 @@ def count_tokens(batch: Any, *, mask_key: str = "attention_mask", tokens_key: st
                     f"batch[{mask_key!r}] has shape {tuple(mask.shape)}: counting tokens needs a (batch, sequence) "
                     "padding mask; pass TokenCounter(count_fn=...) or mask_key=<the key of such a mask>"
                 )
-            return mask.sum()
+            return torch.count_nonzero(mask)
         if tokens_key in batch:
             return batch[tokens_key].numel()
         raise TypeError(
@@ -88,7 +89,9 @@ class TokenCounter(Callback):
     """Count the tokens of each optimizer step over all ranks and feed them to the token schedulers.
 
     Each micro-batch is counted in ``on_train_batch_start`` (see :func:`count_tokens`, or pass ``count_fn``). Just
-    before each optimizer step, one all-reduce sums the step's count over the data-parallel ranks. The
+    before each optimizer step, one all-reduce sums the step's count over the data-parallel ranks. Under automatic
+    optimization a micro-batch whose ``training_step`` returned ``None`` (no backward) counts 0 tokens, and a
+    scheduler step Lightning takes where nothing trained (a batch skipped with -1 or ``None``) is uncounted. The
     :class:`~lightning_power.PowerScheduler` and :class:`~lightning_power.WSDScheduler` of the trainer then get the
     step's tokens and set the LR the step uses: Power's n and beta follow the real batch, so a batch-size ramp or a
     resume with a new batch size is exact. The count is saved in checkpoints.
@@ -99,13 +102,15 @@ class TokenCounter(Callback):
     the data-parallel size times ``accumulate_grad_batches``). The prediction is exact while the batch is constant.
 
     Args:
-        count_fn: ``batch -> tokens`` (an int or a 0-d tensor), replacing the default rule.
+        count_fn: ``batch -> tokens`` (an int or a 0-d integer tensor), replacing the default rule; in YAML an import
+            path such as ``lightning_power.tokens.count_tokens``.
         mask_key: the mapping key of the attention mask (padding excluded when present).
         tokens_key: the mapping key counted by ``numel()`` when there is no mask.
 
     Raises:
         ValueError: in ``on_train_start``, if a token scheduler is not stepped with ``interval="step"`` and
-            ``frequency=1``.
+            ``frequency=1``; in ``setup``, if ``training_step`` takes a ``dataloader_iter`` (callbacks never see the
+            batch then).
 
     Example::
 
@@ -116,7 +121,7 @@ class TokenCounter(Callback):
 
     def __init__(
         self,
-        count_fn: Callable[[Any], int | torch.Tensor] | None = None,
+        count_fn: Callable[[Any], Any] | None = None,  # returns an int or a 0-d tensor; Any lets jsonargparse take it
         mask_key: str = "attention_mask",
         tokens_key: str = "input_ids",
     ) -> None:
@@ -130,8 +135,21 @@ class TokenCounter(Callback):
         self._local_tokens: int | torch.Tensor = 0
         self._local_batches = 0
         self._open_batch_tokens: int | torch.Tensor | None = None  # counted in on_train_batch_start, not yet ended
+        self._open_batch_backward = False  # Lightning backpropagated the open batch's loss (training_step gave one)
+        self._reported_this_batch = False  # the schedulers got a step's tokens during the current batch
         self._horizon_checked = False
         self._schedulers: list[TokenScheduler] = []
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True):
+            raise ValueError(
+                f"TokenCounter cannot count tokens: {type(pl_module).__name__}.training_step takes `dataloader_iter`, "
+                "so Lightning fetches the batches inside training_step and callbacks never see them. Use "
+                "training_step(self, batch, batch_idx), or drop TokenCounter and give PowerScheduler a fixed "
+                "tokens_per_step, or report each optimizer step's tokens (all ranks) yourself with "
+                "scheduler.set_step_tokens(tokens) before the step"
+            )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -145,9 +163,11 @@ class TokenCounter(Callback):
                     f"{name} must be stepped once per optimizer step: configure it with interval='step' and "
                     f"frequency=1, got interval={config.interval!r}, frequency={config.frequency!r}"
                 )
+            config.scheduler.fed_by_counter = True
             self._schedulers.append(config.scheduler)
         self._local_tokens, self._local_batches = 0, 0
         self._open_batch_tokens = None
+        self._open_batch_backward = self._reported_this_batch = False
         self._horizon_checked = False
 
     @override
@@ -161,6 +181,7 @@ class TokenCounter(Callback):
         self._local_tokens = self._local_tokens + tokens
         self._local_batches += 1
         self._open_batch_tokens = tokens
+        self._open_batch_backward = False
         unmeasured = [scheduler for scheduler in self._schedulers if scheduler.batch_tokens is None]
         if unmeasured and self._local_batches == 1:
             # Before the first measured step a scheduler has no batch size to predict its LR from (what
@@ -171,9 +192,31 @@ class TokenCounter(Callback):
                     scheduler.set_step_tokens(estimate)
 
     @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        self._open_batch_backward = True
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if pl_module.automatic_optimization:
+            if self._open_batch_tokens is not None and not self._open_batch_backward:
+                self._drop_open_batch()  # training_step returned None inside an accumulation window
+            if not self._reported_this_batch and not trainer.fit_loop._should_accumulate():
+                # The window closed at this batch and nothing trained: a None batch (Lightning runs no optimizer step
+                # and the next window zeroes the gradients it accumulated), or training_step returned None throughout.
+                # Lightning stepped the step-interval schedulers all the same (before this hook).
+                self._local_tokens, self._local_batches = 0, 0
+                for scheduler in self._schedulers:
+                    scheduler.uncount_last_step()
+        self._open_batch_tokens = None
+        self._reported_this_batch = False
+
+    def _drop_open_batch(self) -> None:
+        """Take the batch counted in ``on_train_batch_start`` out of the window: it trained nothing."""
+        assert self._open_batch_tokens is not None
+        self._local_tokens = self._local_tokens - self._open_batch_tokens
+        self._local_batches -= 1
         self._open_batch_tokens = None
 
     @override
@@ -188,15 +231,20 @@ class TokenCounter(Callback):
             for scheduler in self._schedulers:
                 scheduler.uncount_last_step()
         else:  # the module steps its optimizers itself: only the skipped batch is dropped
-            self._local_tokens = self._local_tokens - self._open_batch_tokens
-            self._local_batches -= 1
+            self._drop_open_batch()
         self._open_batch_tokens = None
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        if self._local_batches == 0:  # a second optimizer stepping on the same batch: its tokens are counted
+        if pl_module.automatic_optimization and self._open_batch_tokens is not None and not self._open_batch_backward:
+            # training_step returned None (single device only): Lightning skipped this micro-batch's backward
+            self._drop_open_batch()
+            if getattr(trainer.precision_plugin, "scaler", None) is not None:
+                # and a precision plugin with a GradScaler skips optimizer.step() too: the whole window is lost
+                self._local_tokens, self._local_batches = 0, 0
+        if self._local_batches == 0:  # nothing trained, or a second optimizer on the same batch (its tokens counted)
             return
         step_tokens = _global_sum(self._local_tokens, trainer)
         if step_tokens <= 0 and self._schedulers:
@@ -207,6 +255,7 @@ class TokenCounter(Callback):
         self.step_tokens = step_tokens
         self.tokens_seen += self.step_tokens
         self._local_tokens, self._local_batches = 0, 0
+        self._reported_this_batch = True
         for scheduler in self._schedulers:
             scheduler.set_step_tokens(self.step_tokens)
         if not self._horizon_checked:
@@ -239,6 +288,20 @@ class TokenCounter(Callback):
                     "micro-batches): the rest trains at the floor LR. Scale the scheduler's token settings with the "
                     "global batch, or train fewer steps"
                 )
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self._local_batches > 0:
+            rank_zero_warn(
+                f"TokenCounter: this checkpoint (step {trainer.global_step}) is saved inside a gradient accumulation "
+                f"window, after {self._local_batches} of its {trainer.accumulate_grad_batches} micro-batches. "
+                "Lightning saves neither their accumulated gradients nor their tokens, so a run resumed from it "
+                "restarts the window without them and will not match the uninterrupted run exactly. Save at optimizer "
+                "steps: ModelCheckpoint(every_n_train_steps=...), or a val_check_interval that is a multiple of "
+                "accumulate_grad_batches"
+            )
 
     @override
     def state_dict(self) -> dict[str, int]:

@@ -3,6 +3,8 @@
 import importlib
 import io
 import math
+import pickle
+from copy import deepcopy
 
 import lightning.pytorch as pl
 import pytest
@@ -207,8 +209,8 @@ def test_bad_settings_fail_at_construction_naming_the_argument(make, argument):
         make(sgd(0.02))
 
 
-def test_lr_max_default_rejects_a_zero_optimizer_lr():
-    with pytest.raises(ValueError, match="^lr_max"):
+def test_a_zero_optimizer_lr_is_named_not_the_lr_max_it_defaults():
+    with pytest.raises(ValueError, match="the optimizer's LR must be > 0, got 0.0"):
         PowerScheduler(sgd(0.0), tokens_per_step=4096)
 
 
@@ -348,6 +350,115 @@ def test_loading_another_schedulers_state_names_the_missing_counters():
         scheduler.load_state_dict(other.state_dict())
 
 
+def test_uncount_last_step_also_takes_the_step_back_from_a_schedule_in_steps():
+    optimizer = sgd(1.0)
+    scheduler = WSDScheduler(optimizer, warmup=4, total=100, decay=0)
+    assert flat(used_lrs(optimizer, scheduler, 2)) == [0.25, 0.5]
+    scheduler.step()  # a scheduler step at a batch that trained nothing
+    scheduler.uncount_last_step()
+    assert scheduler.steps_skipped == 1
+    assert flat(used_lrs(optimizer, scheduler, 3)) == [0.75, 1.0, 1.0]  # the 3rd optimizer step runs at t = 3
+
+    state = scheduler.state_dict()
+    assert state["steps_skipped"] == 1
+    restored = WSDScheduler(sgd(1.0), warmup=8, total=100, decay=0)
+    restored.load_state_dict(state)
+    assert restored.get_last_lr() == [6 / 8]  # step 7 of the state is the 6th optimizer step
+    del state["steps_skipped"]  # a checkpoint of an earlier version: no step was uncounted
+    restored.load_state_dict(state)
+    assert restored.get_last_lr() == [7 / 8]
+
+
+def test_the_state_dict_and_copies_leave_the_optimizer_hook_out_and_copies_keep_checking():
+    optimizer = sgd(0.02)
+    scheduler = PowerScheduler(optimizer, tokens_per_step=4096)
+    used_lrs(optimizer, scheduler, 2)
+    assert not [key for key in scheduler.state_dict() if key in ("_step_hook", "fed_by_counter")]
+    copies = [pickle.loads(pickle.dumps(scheduler)), deepcopy(scheduler)]
+    expected = used_lrs(optimizer, scheduler, 2)
+    for copy in copies:
+        assert used_lrs(copy.optimizer, copy, 2) == expected
+        copy.optimizer.step()
+        with pytest.raises(ValueError, match="stepped once per optimizer step"):
+            copy.optimizer.step()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda opt: PowerScheduler(opt, tokens_per_step=4096),
+        lambda opt: WSDScheduler(opt, warmup=0, total=10**6, decay=0, units="tokens"),
+    ],
+)
+def test_a_token_schedule_left_unstepped_between_optimizer_steps_raises(make):
+    optimizer = sgd(0.02)
+    scheduler = make(optimizer)
+    scheduler.set_step_tokens(4096)
+    used_lrs(optimizer, scheduler, 3)
+    optimizer.step()
+    with pytest.raises(
+        ValueError,
+        match="^(Power|WSD)Scheduler must be stepped once per optimizer step: .*"
+        "interval='step' and frequency=1.* 2 optimizer steps ran at the same LR",
+    ):
+        optimizer.step()
+
+
+def test_a_schedule_in_steps_left_unstepped_warns_once():
+    optimizer = sgd(0.02)
+    scheduler = WSDScheduler(optimizer, warmup=0, total=10, decay=0)  # noqa: F841  # a hook does not keep it alive
+    with pytest.warns(UserWarning, match="stepped once per optimizer step.*counts its own steps") as record:
+        for _ in range(4):
+            optimizer.step()
+    assert len([w for w in record if "stepped once per optimizer step" in str(w.message)]) == 1
+
+
+def test_steps_the_optimizer_skips_or_another_scheduler_drives_are_no_missed_scheduler_steps(recwarn):
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.02)
+    scheduler = PowerScheduler(optimizer, tokens_per_step=4096)
+    scaler = torch.amp.GradScaler("cpu")
+    for _ in range(3):  # an inf gradient: the scaler skips optimizer.step(), the scheduler still steps
+        optimizer.zero_grad()
+        scaler.scale((parameter * math.inf).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+    assert parameter.item() == 0.0 and scheduler.last_epoch == 3
+
+    optimizer = sgd(0.02)
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=2)
+    power = PowerScheduler(optimizer, tokens_per_step=4096)  # at its cap, 0.02, from step 0
+    sequential = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, power], milestones=[5])
+    # Power sits idle for the first 5 steps, the last 3 of them at its own LR, 0.02
+    assert flat(used_lrs(optimizer, sequential, 8)) == pytest.approx([0.01, 0.015] + [0.02] * 6)
+    assert not [w for w in recwarn if "stepped once per optimizer step" in str(w.message)]
+
+
+def test_branching_a_decay_that_starts_behind_the_checkpoint_warns_of_the_jump(recwarn):
+    optimizer = sgd(1.0)
+    scheduler = WSDScheduler(optimizer, warmup=10, total=1000, decay=100)
+    used_lrs(optimizer, scheduler, 400)
+    WSDScheduler(sgd(1.0), warmup=10, total=1000, decay=100).load_state_dict(scheduler.state_dict())  # same schedule
+    WSDScheduler(sgd(1.0), warmup=10, total=600, decay=200).load_state_dict(scheduler.state_dict())  # decay from 400
+    assert not recwarn.list
+    with pytest.warns(
+        UserWarning,
+        match=r"resumed at 400 steps with new settings \(total: 1000 -> 600, decay: 100 -> "
+        r"300\) whose decay starts earlier, at 300: the LR jumps .*LR 1, now 0.4",
+    ):
+        WSDScheduler(sgd(1.0), warmup=10, total=600, decay=300).load_state_dict(scheduler.state_dict())
+
+    tps = 4096
+    optimizer = sgd(0.02)
+    power = PowerScheduler(optimizer, tokens_per_step=tps)
+    used_lrs(optimizer, power, 10)
+    with pytest.warns(UserWarning, match=f"resumed at {10 * tps} tokens .*total_tokens: None -> {16 * tps}"):
+        PowerScheduler(sgd(0.02), tokens_per_step=tps, total_tokens=16 * tps, decay_tokens=8 * tps).load_state_dict(
+            power.state_dict()
+        )
+
+
 # --- Lightning -------------------------------------------------------------------------------------------------------
 
 
@@ -394,6 +505,32 @@ def test_one_scheduler_step_per_optimizer_step_under_gradient_accumulation():
     fit(model, max_steps=4, accumulate_grad_batches=2)
     assert model.scheduler.last_epoch == 4
     assert model.used_lrs == pytest.approx([reference_power((k + 1) * tps, tps, 0.02) for k in range(4)], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda opt: PowerScheduler(opt, tokens_per_step=BATCH * CONTEXT),
+        lambda opt: WSDScheduler(opt, warmup=0, total=10**6, decay=0, units="tokens"),
+    ],
+)
+def test_a_token_schedule_stepped_per_epoch_fails_at_the_second_optimizer_step(make):
+    model = ScheduledGPT(make)
+    model.configure_optimizers = lambda: ([model.scheduler.optimizer], [model.scheduler])  # Lightning: per epoch
+    model.scheduler = make(torch.optim.AdamW(model.parameters(), lr=0.02))
+    with pytest.raises(ValueError, match="must be stepped once per optimizer step: configure it with interval='step'"):
+        fit(model, max_steps=4)
+    assert len(model.used_lrs) == 2
+
+
+def test_a_schedule_in_steps_stepped_per_epoch_is_warned_about_once():
+    model = ScheduledGPT(lambda opt: WSDScheduler(opt, warmup=2, total=10, decay=2))
+    model.scheduler = WSDScheduler(torch.optim.AdamW(model.parameters(), lr=0.02), warmup=2, total=10, decay=2)
+    model.configure_optimizers = lambda: ([model.scheduler.optimizer], [model.scheduler])
+    with pytest.warns(UserWarning, match="WSDScheduler must be stepped once per optimizer step") as record:
+        fit(model, max_steps=8, batches=4)  # 2 epochs of 4 steps: the LR of epoch k is the factor at t = k + 1
+    assert len([w for w in record if "stepped once per optimizer step" in str(w.message)]) == 1
+    assert model.used_lrs == pytest.approx([0.01] * 4 + [0.02] * 4)
 
 
 def test_trainer_resume_with_a_new_total_branches_the_decay(tmp_path):

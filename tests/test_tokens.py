@@ -8,12 +8,14 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_power import tokens as tokens_module
 from lightning_power.schedulers import PowerScheduler, WSDScheduler
 from lightning_power.tokens import TokenCounter, count_tokens
-from tests.helpers.jobs import read_metrics
+from tests.helpers.jobs import CONFIGS, read_metrics
+from tests.helpers.tiny import tiny_cli_args
 from tests.test_schedulers import CONTEXT, ScheduledGPT, reference_power
 
 
@@ -376,3 +378,151 @@ def test_global_count_is_one_sum_all_reduce_over_ranks(monkeypatch):
     distributed.is_initialized = lambda: False
     assert tokens_module._global_sum(21, fake_trainer) == 21
     assert len(calls) == 1
+
+
+# --- batches that train nothing, half-precision masks, dataloader_iter, YAML count_fn, mid-window checkpoints -------
+
+
+def test_a_half_precision_or_segment_id_mask_counts_its_nonzero_entries_exactly():
+    lengths = torch.tensor([4095, 4000, 3000, 4096])
+    mask = torch.arange(4096) < lengths[:, None]
+    for dtype in (torch.long, torch.bool, torch.float16, torch.bfloat16):  # fp16 sums this to 15192, bf16 to 15168
+        assert int(count_tokens({"input_ids": mask, "attention_mask": mask.to(dtype)})) == 15191
+    ones = torch.ones(16, 4096, dtype=torch.float16)  # 65536 tokens: beyond fp16's largest finite value, 65504
+    assert int(count_tokens({"input_ids": ones, "attention_mask": ones})) == 65536
+    segments = torch.tensor([[1, 1, 2, 2, 2, 3, 0, 0]])  # a packing collator's document ids, 0 for padding
+    assert int(count_tokens({"input_ids": segments, "attention_mask": segments})) == 6
+
+
+class ReturnsNoneAt(ScheduledGPT):
+    """``training_step`` returns None at the batches ``none_at`` of epoch 0: Lightning skips their backward."""
+
+    def __init__(self, make_scheduler, none_at: set[int]) -> None:
+        super().__init__(make_scheduler)
+        self.none_at = none_at
+
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx in self.none_at else super().training_step(batch, batch_idx)
+
+
+def assert_lrs_follow_the_trained_tokens(model: ScheduledGPT, counter: TokenCounter, stepped: list[int | None]):
+    """``stepped``: the sequences each optimizer step trained, ``None`` for a step that trained nothing."""
+    trained = [size for size in stepped if size is not None]
+    seen = list(itertools.accumulate(size * CONTEXT for size in trained))
+    assert counter.tokens_seen == seen[-1]
+    used = [lr for lr, size in zip(model.used_lrs, stepped, strict=True) if size is not None]
+    expected = [reference_power(n, size * CONTEXT, 0.02, warmup=40) for n, size in zip(seen, trained)]
+    assert used == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("none_at", "accumulate", "stepped"),
+    [
+        ({1}, 1, [2, None, 5, 7]),  # Lightning still runs the optimizer step (without gradients) and the scheduler
+        ({1}, 2, [2, 5 + 7]),  # the micro-batch that closes a window
+        ({0}, 2, [3, 5 + 7]),  # the one that opens it
+        ({0, 1}, 2, [None, 5 + 7]),  # a whole window: its step trained nothing
+    ],
+)
+def test_a_batch_whose_training_step_returns_none_counts_no_tokens(none_at, accumulate, stepped):
+    model, counter = ReturnsNoneAt(power, none_at), TokenCounter()
+    fit_trainer = trainer(len(stepped), callbacks=[counter], accumulate_grad_batches=accumulate)
+    fit_trainer.fit(model, ramp_batches([2, 3, 5, 7]))
+    assert_lrs_follow_the_trained_tokens(model, counter, stepped)
+    assert model.scheduler.steps_skipped == stepped.count(None)
+
+
+def test_under_a_grad_scaler_a_window_whose_last_training_step_returns_none_trains_nothing():
+    # Lightning's GradScaler plugins then skip optimizer.step(): the window's earlier micro-batch is lost too
+    model, counter = ReturnsNoneAt(power, {1}), TokenCounter()
+    scaler = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    fit_trainer = trainer(2, callbacks=[counter], accumulate_grad_batches=2, plugins=[scaler])
+    fit_trainer.fit(model, ramp_batches([2, 3, 5, 7]))
+    assert_lrs_follow_the_trained_tokens(model, counter, [None, 5 + 7])
+    assert model.scheduler.steps_skipped == 1
+
+
+def with_none_batches(sizes: list[int | None]) -> DataLoader:
+    """ramp_batches(sizes) with a ``None`` batch where ``sizes`` has ``None``, as a dropping collate_fn yields."""
+    batches = iter(ramp_batches([size for size in sizes if size is not None]))
+    return DataLoader([None if size is None else next(batches) for size in sizes], batch_size=None)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "accumulate", "stepped"),
+    [
+        ([2, None, 5, 7], 1, [2, 5, 7]),  # Lightning steps the scheduler at the None batch, not the optimizer
+        ([None, 2, 5, 7], 1, [2, 5, 7]),  # before any token is known
+        ([2, None, 5, 7], 2, [5 + 7]),  # None closes window 1: no optimizer step; window 2 zeroes its gradients
+    ],
+)
+def test_a_none_batch_neither_counts_tokens_nor_advances_the_schedule(sizes, accumulate, stepped):
+    model, counter = ScheduledGPT(power), TokenCounter()
+    fit_trainer = trainer(-1, max_epochs=1, callbacks=[counter], accumulate_grad_batches=accumulate)
+    fit_trainer.fit(model, with_none_batches(sizes))
+    assert fit_trainer.global_step == len(stepped)
+    assert_lrs_follow_the_trained_tokens(model, counter, stepped)
+    assert model.scheduler.steps_skipped == 1
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_wsd_in_steps_follows_the_optimizer_steps_across_steps_that_train_nothing(accumulate):
+    make = lambda opt: WSDScheduler(opt, warmup=8, total=100, decay=0)  # noqa: E731
+    model = SkipsRestOfFirstEpoch(make, skip_at=2 * accumulate)  # epoch 0 ends with a -1 after two steps
+    fit_trainer = trainer(6, max_epochs=2, callbacks=[TokenCounter()], accumulate_grad_batches=accumulate)
+    fit_trainer.fit(model, ramp_batches([4] * 4 * accumulate))
+    assert model.used_lrs == pytest.approx([0.02 * (k + 1) / 8 for k in range(6)], rel=1e-12)
+
+
+def test_a_training_step_that_takes_the_dataloader_iter_is_refused_with_what_to_do():
+    class IteratesItself(ScheduledGPT):
+        def training_step(self, dataloader_iter):
+            batch, _, _ = next(dataloader_iter)
+            return self.loss(batch)
+
+    with pytest.raises(ValueError, match=r"dataloader_iter.*callbacks never see.*training_step\(self, batch, "):
+        trainer(2, callbacks=[TokenCounter()]).fit(IteratesItself(power), ramp_batches([4, 4]))
+
+
+def count_whole_sequences(batch) -> int:
+    """A count_fn for the YAML test: the sequences of an ``(inputs, targets)`` batch, not their tokens."""
+    return batch[0].shape[0]
+
+
+def test_count_fn_is_given_in_yaml_as_an_import_path(tmp_path):
+    from lightning_power.cli import main
+
+    config = tmp_path / "count_fn.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_power.TokenCounter\n"
+        "      init_args: {count_fn: tests.test_tokens.count_whole_sequences}\n"
+    )
+    main(["fit", "--config", str(CONFIGS / "gpt_power.yaml"), "--config", str(config), *tiny_cli_args(max_steps=2)])
+    metrics = read_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
+    assert metrics["tokens/seen"] == [(0, 8), (1, 16)]  # tiny_cli_args: 8 sequences a batch
+
+
+class SavesAfterBatch(Callback):
+    def __init__(self, batch_idx: int, path) -> None:
+        self.batch_idx, self.path = batch_idx, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.batch_idx:
+            trainer.save_checkpoint(self.path)
+
+
+def inside_window_warnings(warnings) -> list[str]:
+    return [str(w.message) for w in warnings if "inside a gradient accumulation window" in str(w.message)]
+
+
+def test_a_checkpoint_saved_inside_an_accumulation_window_is_warned_about(tmp_path, recwarn):
+    callbacks = [TokenCounter(), SavesAfterBatch(1, tmp_path / "closed.ckpt")]  # batch 1 closes the first window
+    trainer(2, callbacks=callbacks, accumulate_grad_batches=2).fit(ScheduledGPT(power), ramp_batches([4] * 4))
+    assert not inside_window_warnings(recwarn)
+
+    callbacks = [TokenCounter(), SavesAfterBatch(2, tmp_path / "open.ckpt")]  # batch 2 opens the second one
+    trainer(2, callbacks=callbacks, accumulate_grad_batches=2).fit(ScheduledGPT(power), ramp_batches([4] * 4))
+    (message,) = inside_window_warnings(recwarn)
+    assert "after 1 of its 2 micro-batches" in message and "will not match the uninterrupted run" in message
