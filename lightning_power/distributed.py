@@ -9,7 +9,7 @@ Statistics are computed on the local part and combined with a single ``all_reduc
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -17,18 +17,48 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-# Prefixes that wrappers insert into parameter names: DDP, torch.compile, FSDP1, activation checkpointing.
-WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+# Attributes that wrappers insert into parameter names wherever they wrap: Lightning's and Fabric's strategy wrappers,
+# torch.compile, FSDP1, activation checkpointing and CPU offload (torch's ActivationWrapper).
+WRAPPER_ATTRIBUTES = frozenset(
+    {"_forward_module", "_original_module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
+)
+# DistributedDataParallel's (and DataParallel's) attribute: a wrapper only at the root of a name, where DDP sits. Deeper
+# in the path it is a user's own submodule called ``module``, which stays.
+ROOT_WRAPPER_ATTRIBUTES = frozenset({"module"})
 
 
 def logical_param_name(name: str) -> str:
-    """Return ``name`` with every wrapper prefix removed, wherever it appears in the dotted path.
+    """Return ``name`` without the components that wrappers insert: every :data:`WRAPPER_ATTRIBUTES` component,
+    and the leading run of wrapper components, where DDP's ``module`` also counts.
 
-    >>> logical_param_name("_forward_module._orig_mod.blocks.0._fsdp_wrapped_module.attn.qkv.weight")
+    >>> logical_param_name("module._forward_module._orig_mod.blocks.0._fsdp_wrapped_module.attn.qkv.weight")
     'blocks.0.attn.qkv.weight'
+    >>> logical_param_name("block.module.weight")  # a user's submodule named ``module``
+    'block.module.weight'
     """
-    parts = [part for part in name.split(".") if f"{part}." not in WRAPPER_PREFIXES and part != "_forward_module"]
-    return ".".join(parts)
+    parts = name.split(".")
+    start = 0
+    while start < len(parts) - 1 and parts[start] in WRAPPER_ATTRIBUTES | ROOT_WRAPPER_ATTRIBUTES:
+        start += 1
+    return ".".join(part for part in parts[start:] if part not in WRAPPER_ATTRIBUTES)
+
+
+def logical_names(names: Iterable[str]) -> list[str]:
+    """The logical names of distinct ``names`` (one per parameter), in order; a ``ValueError`` naming both raw names
+    when two of them have the same logical name, which would merge two parameters into one."""
+    logical: list[str] = []
+    first: dict[str, str] = {}
+    for name in names:
+        short = logical_param_name(name)
+        if short in first:
+            raise ValueError(
+                f"parameters {first[short]!r} and {name!r} both have the logical name {short!r} once the wrapper "
+                f"attributes ({', '.join(sorted(WRAPPER_ATTRIBUTES | ROOT_WRAPPER_ATTRIBUTES))}) are removed, so they "
+                "cannot be told apart; rename one of the attributes"
+            )
+        first[short] = name
+        logical.append(short)
+    return logical
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -45,8 +75,9 @@ def is_sharded(tensor: torch.Tensor) -> bool:
 
 def named_local_parameters(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(logical name, local shard)`` for every parameter of ``module``, in registration order."""
-    for name, param in module.named_parameters():
-        yield logical_param_name(name), local_tensor(param.detach())
+    named = list(module.named_parameters())
+    for name, (_, param) in zip(logical_names(raw for raw, _ in named), named):
+        yield name, local_tensor(param.detach())
 
 
 @dataclass(frozen=True)
@@ -91,8 +122,8 @@ def shard_layout(module: nn.Module, root: nn.Module | None = None) -> ShardLayou
     """
     fsdp1_views, groups = _fsdp1_flat_views(root if root is not None else module)
     found: list[tuple[str, nn.Parameter, torch.Size, int, bool]] = []  # name, param, shape, start, sharded
-    for raw_name, param in module.named_parameters():
-        name = logical_param_name(raw_name)
+    named = list(module.named_parameters())
+    for name, (raw_name, param) in zip(logical_names(raw for raw, _ in named), named):
         if name.endswith("_flat_param"):
             raise ValueError(
                 f"parameter {raw_name!r} is an FSDP1 flat parameter; use FSDPStrategy(use_orig_params=True) so that "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -407,11 +408,15 @@ class Classifier(pl.LightningModule):
 
 
 class Blobs(pl.LightningDataModule):
+    def __init__(self, batch_size: int = 16) -> None:  # LightningDataModule itself takes any keyword
+        super().__init__()
+        self.batch_size = batch_size
+
     def setup(self, stage: str) -> None:
         self.data = torch.utils.data.TensorDataset(*BATCH)
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(self.data, batch_size=16)
+        return torch.utils.data.DataLoader(self.data, batch_size=self.batch_size)
 
 
 def classifier_config(tmp_path: Path, **mup_args) -> str:
@@ -490,6 +495,7 @@ def test_cli_warns_when_sp_passes_too(tmp_path: Path, capsys) -> None:
         (["--model-args", "d_model"], "--model-args takes KEY=VALUE pairs, got 'd_model'"),
         (["--model-args", "depth=2"], "unexpected keyword argument 'depth'"),
         (["--width-arg", "width"], "unexpected keyword argument 'width'"),
+        (["--data-args", "batch_szie=4"], "cannot build the data module Blobs"),
     ],
 )
 def test_cli_bad_input_exits_2_not_1(tmp_path: Path, capsys, args: list[str], message: str) -> None:
@@ -497,3 +503,20 @@ def test_cli_bad_input_exits_2_not_1(tmp_path: Path, capsys, args: list[str], me
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", config, "--widths", *map(str, WIDTHS), *args, "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "message"),
+    [
+        ({"class_path": "torch.optim.Adafactor"}, "optimizer 'Adafactor': Adafactor scales each update by RMS"),
+        ({"class_path": f"{__name__}.SignSGD"}, "pass optimizer_family='adam'.*in the config's MuP callback"),
+        ({"class_path": "torch.optim.AdamW", "init_args": {"betaz": [0.9, 0.95]}}, r"cannot build AdamW\(params"),
+    ],
+)
+def test_cli_optimizer_muP_cannot_use_or_build_exits_2(tmp_path: Path, capsys, optimizer: dict, message: str) -> None:
+    config = yaml.safe_load(Path(classifier_config(tmp_path, base_overrides={"d_model": 16})).read_text())
+    config["optimizer"] = optimizer
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(tmp_path / "config.yaml"), "--widths", *map(str, WIDTHS), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import mup
 import pytest
 import torch
+from lightning.pytorch.callbacks import BaseFinetuning, LearningRateMonitor, StochasticWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -493,3 +494,125 @@ def test_lightning_lr_finder_is_refused_above_the_base_width_and_runs_at_it() ->
     with pytest.raises(ValueError, match=r"LR finder .* one LR, .* width multiplier 4\."):
         lr_find(make_gpt(), mup_callback())
     assert lr_find(make_gpt(width=BASE), mup_callback()).results["lr"]  # every ratio is 1 at the base width
+
+
+def test_swa_with_one_lr_is_refused_above_the_base_width_and_a_list_per_group_keeps_the_ratios() -> None:
+    """SWA with a float ``swa_lrs`` sets every group to that LR; the per-group list docs/mup.md gives keeps muP's."""
+
+    def swa_fit(model: GPT, swa_lrs: float | list[float]) -> pl.Trainer:
+        swa = StochasticWeightAveraging(swa_lrs=swa_lrs, swa_epoch_start=1, annealing_epochs=1)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_epochs=3,
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            callbacks=[mup_callback(), swa],
+        )
+        trainer.fit(model, one_batch())
+        return trainer
+
+    with pytest.raises(ValueError, match=r"swa_lrs=0\.01\) sets every param group to that one LR"):
+        swa_fit(make_gpt(), 0.01)
+    model = make_gpt()
+    with torch.device("meta"):
+        base, delta = GPT(width=BASE, **ARGS), GPT(width=DELTA, **ARGS)
+    plan = MuPPlan.from_models(model, base, delta, readout="head")
+    trainer = swa_fit(model, [g["lr"] for g in plan.param_groups(model, lr=0.01)])
+    groups = trainer.optimizers[0].param_groups
+    assert sorted(g["mup_lr_factor"] for g in groups) == [0.25, 1.0]
+    assert [g["lr"] for g in groups] == pytest.approx([0.01 * g["mup_lr_factor"] for g in groups], rel=1e-12)
+
+
+class Backbone(pl.LightningModule):
+    """An input layer, a hidden ``backbone`` frozen at first, and a head; ``all_params`` hands the optimizer the
+    frozen backbone too (what the muP error asks for)."""
+
+    def __init__(self, width: int = 64, all_params: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.inp, self.backbone, self.head = nn.Linear(4, width), nn.Linear(width, width), nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.backbone(torch.relu(self.inp(x)))))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = self.parameters() if self.hparams.all_params else (p for p in self.parameters() if p.requires_grad)
+        return torch.optim.AdamW(params, lr=1e-2)
+
+
+class Unfreeze(BaseFinetuning):
+    """Freezes ``frozen`` (module names) and unfreezes them at epoch 1, adding a param group or not (``add``)."""
+
+    def __init__(self, frozen: list[str], add: bool) -> None:
+        super().__init__()
+        self.frozen, self.add = frozen, add
+
+    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
+        self.freeze([pl_module.get_submodule(name) for name in self.frozen])
+
+    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        if epoch == 1:
+            modules = [pl_module.get_submodule(name) for name in self.frozen]
+            if self.add:
+                self.unfreeze_and_add_param_group(modules, optimizer, lr=1e-2, initial_denom_lr=1.0)
+            else:
+                self.make_trainable(modules)
+
+
+def test_a_param_group_added_during_training_must_not_hold_parameters_mup_scales() -> None:
+    def finetune(frozen: list[str], add: bool, all_params: bool = False) -> tuple[Backbone, pl.Trainer]:
+        model = Backbone(all_params=all_params)
+        callback = MuP(base_overrides={"width": 16}, delta_overrides={"width": 32}, readout="head")
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_epochs=2,
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            callbacks=[callback, Unfreeze(frozen, add)],
+        )
+        data = DataLoader(TensorDataset(torch.randn(8, 4), torch.arange(8) % 3), batch_size=8)
+        trainer.fit(model, data)
+        return model, trainer
+
+    with pytest.raises(ValueError, match=r"added to AdamW after configure_optimizers holds backbone\.weight, whose"):
+        finetune(["backbone"], add=True)  # a hidden weight: lr / 4 under muP, the base LR in the added group
+    _, trainer = finetune(["inp"], add=True)  # vector-like: factor 1, so the added group is right as it is
+    assert [g["mup_lr_factor"] for g in trainer.optimizers[0].param_groups] == [0.25, 1.0, 1.0]
+    model, trainer = finetune(["backbone"], add=False, all_params=True)  # the way the error message gives
+    hidden = next(g for g in trainer.optimizers[0].param_groups if any(p is model.backbone.weight for p in g["params"]))
+    assert hidden["lr"] == 1e-2 / 4 and model.backbone.weight.requires_grad
+
+
+def test_lr_monitor_tags_name_the_mup_groups_and_a_checkpoint_without_names_resumes(tmp_path: Path) -> None:
+    """Tags read ``lr-AdamW/hidden``; a checkpoint saved before the groups had names still loads."""
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=CSVLogger(tmp_path, name="run"),
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        callbacks=[mup_callback(), LearningRateMonitor(logging_interval="step")],
+    )
+    trainer.fit(make_gpt(), one_batch())
+    trainer.save_checkpoint(tmp_path / "step2.ckpt")
+    with open(Path(trainer.log_dir) / "metrics.csv") as file:
+        columns = next(csv.reader(file))
+    assert {"lr-AdamW/hidden", "lr-AdamW/vector_like-readout"} <= set(columns)
+
+    checkpoint = torch.load(tmp_path / "step2.ckpt", weights_only=True)
+    for group in checkpoint["optimizer_states"][0]["param_groups"]:
+        del group["name"]  # as saved before this change
+    torch.save(checkpoint, tmp_path / "unnamed.ckpt")
+    callback = mup_callback()
+    losses, resumed = fit(make_gpt(seed=99), callback, max_steps=3, ckpt_path=str(tmp_path / "unnamed.ckpt"))
+    assert len(losses) == 1 and callback._restored_plan == callback.plan
+    assert sorted(g["mup_lr_factor"] for g in resumed.optimizers[0].param_groups) == [0.25, 1.0]

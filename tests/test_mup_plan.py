@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lightning_power.demo import GPT
+from lightning_power.distributed import logical_param_name
 from lightning_power.mup import MuPPlan, ReadoutMultiplier, attention_scale, detect_optimizer_family
 from lightning_power.mup.readout import readout_multiplier_of
 from lightning_power.schedulers import PowerScheduler
@@ -349,7 +350,11 @@ def test_scheduler_rebase_keeps_each_group_proportional(model: Net, plan: MuPPla
         schedule = [lambda s: 1.0 / (s + 1), lambda s: 2.0**-s]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     plan.regroup(optimizer, model, schedulers=[scheduler])
-    assert [g["name"] for g in optimizer.param_groups] == ["decay/lr_factor=1", "decay/lr_factor=0.25", "no_decay"]
+    assert [g["name"] for g in optimizer.param_groups] == [
+        "decay/vector_like-readout",
+        "decay/hidden",
+        "no_decay/vector_like",
+    ]
     names = {id(p): n for n, p in model.named_parameters()}
     for step in range(6):
         for group in optimizer.param_groups:
@@ -582,3 +587,91 @@ def test_parameter_missing_from_plan_at_optimizer_time(model: Net, plan: MuPPlan
 def test_delta_that_misses_a_width_warns(model: Net) -> None:
     with pytest.warns(UserWarning, match=r"delta_model does not vary.*fc.weight dim 0: base 16 model 64"):
         MuPPlan.from_models(model, meta(8, 16), meta(16, 16))
+
+
+def test_groups_are_named_by_muP_class_uniquely_per_optimizer(model: Net, plan: MuPPlan) -> None:
+    """LearningRateMonitor tags the groups by name (``lr-AdamW/hidden``) and refuses two groups of one name."""
+    adam = torch.optim.AdamW(model.parameters())
+    plan.regroup(adam, model)
+    assert [g["name"] for g in adam.param_groups] == ["vector_like-readout", "hidden"]
+    sgd = torch.optim.SGD(plan.param_groups(model, lr=0.1, optimizer="sgd"))  # gate and head.bias have no width
+    assert [(g["name"], g["mup_lr_factor"]) for g in sgd.param_groups] == [
+        ("vector_like-hidden", 1.0),  # gate (the module's own parameter, listed first), fc, proj, head.bias
+        ("vector_like-readout", 4.0),
+    ]
+    params = list(model.parameters())
+    two = torch.optim.AdamW([{"params": params[:4]}, {"params": params[4:]}])  # unnamed: pg1, pg2 as Lightning
+    plan.regroup(two, model)
+    assert [g["name"] for g in two.param_groups] == ["pg1/vector_like", "pg2/vector_like-readout", "pg2/hidden"]
+    torch.manual_seed(0)
+    wide_mlp = Net(32, 128)  # fc's fan-in grows 4x, proj's 8x: two hidden groups with different LRs
+    groups = MuPPlan.from_models(wide_mlp, meta(*BASE), meta(*DELTA)).param_groups(wide_mlp, lr=1.0)
+    assert [(g["name"], g["lr"]) for g in groups] == [
+        ("vector_like-readout", 1.0),
+        ("hidden", 0.25),
+        ("hidden_2", 0.125),
+    ]
+
+
+class Gated(nn.Module):
+    """A user's module with a submodule attribute called ``module`` and a parameter of its own (LayerScale-like)."""
+
+    def __init__(self, module: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.module = module
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x) * self.weight
+
+
+class GatedNet(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, width)
+        self.block = Gated(nn.Linear(width, width, bias=False), width)
+        self.head = nn.Linear(width, 3)
+
+
+def test_a_submodule_called_module_keeps_its_name_and_a_name_collision_is_refused() -> None:
+    assert logical_param_name("module._forward_module._orig_mod.blocks.0._fsdp_wrapped_module.qkv.weight") == (
+        "blocks.0.qkv.weight"  # DDP, Lightning, torch.compile, FSDP1
+    )
+    assert logical_param_name("_forward_module.module.blocks.0._checkpoint_wrapped_module.w") == "blocks.0.w"  # Fabric
+    assert logical_param_name("block.module.weight") == "block.module.weight"
+    model = GatedNet(64)
+    with torch.device("meta"):
+        base, delta = GatedNet(16), GatedNet(32)
+    plan = MuPPlan.from_models(model, base, delta, readout="head")
+    assert (plan["block.module.weight"].role, plan["block.weight"].role) == ("hidden", "vector_like")
+    groups = plan.param_groups(model, lr=1.0)
+    assert per_param(torch.optim.AdamW(groups), model)["block.module.weight"][0] == 0.25
+    plan.apply_init(model)
+    assert torch.equal(model.block.weight, torch.ones(64))  # a gate is vector-like: its init stays
+
+    colliding = Gated(nn.Linear(8, 8, bias=False), 8)  # "module.weight" (DDP's prefix at the root) and "weight"
+    with pytest.raises(ValueError, match=r"'weight' and 'module.weight' both have the logical name 'weight'"):
+        MuPPlan.from_models(colliding, Gated(nn.Linear(4, 4, bias=False), 4))
+
+
+class SharedHidden(nn.Module):
+    """One hidden weight used by two Linear layers, each with its own bias."""
+
+    def __init__(self, width: int, head: type[nn.Linear] = nn.Linear) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, width)
+        self.a, self.b = nn.Linear(width, width), nn.Linear(width, width)
+        self.b.weight = self.a.weight
+        self.head = head(width, 3)
+
+
+def test_torch_default_rescales_the_bias_of_a_layer_sharing_its_weight_like_mup() -> None:
+    torch.manual_seed(0)
+    ours, theirs = SharedHidden(64), SharedHidden(64, mup.MuReadout)
+    theirs.load_state_dict(ours.state_dict())
+    with torch.device("meta"):
+        MuPPlan.from_models(ours, SharedHidden(16), SharedHidden(32), readout="head").apply_init(ours, "torch_default")
+        base, delta = SharedHidden(16, mup.MuReadout), SharedHidden(32, mup.MuReadout)
+    mup.set_base_shapes(theirs, base, delta=delta, rescale_params=True)
+    for name, param in theirs.named_parameters():
+        assert torch.equal(ours.get_parameter(name), param), name

@@ -7,12 +7,14 @@ import json
 import math
 import zipfile
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from lightning_power.files import atomic_write
-from lightning_power.sparsity import overlap
+from lightning_power.sparsity import UpdateSparsityMonitor, overlap
 from lightning_power.sparsity.layers import group_by_layer, layer_of
 from lightning_power.sparsity.masks import MaskFile, pack_bits, popcount
 from lightning_power.sparsity.overlap import main
@@ -212,3 +214,38 @@ def test_layer_rule():
     assert layer_of("encoder.embed.weight") == "encoder.embed"
     assert layer_of("weight") == "weight"
     assert group_by_layer(["a.0.w", "b.w", "a.0.b", "a.1.w"]) == {"a.0": [0, 2], "b": [1], "a.1": [3]}
+
+
+def test_a_submodule_called_module_gets_its_own_mask(tmp_path):
+    """``block.module.weight`` (a user's attribute named ``module``) and ``block.weight`` are two members."""
+
+    class Gated(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Module()
+            self.block.module = nn.Linear(4, 4, bias=False)  # always changes
+            self.block.weight = nn.Parameter(torch.ones(4), requires_grad=False)  # never changes
+
+        def training_step(self, batch, batch_idx):
+            return (self.block.module(torch.randn(8, 4)) * self.block.weight).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.block.module.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(range(2), batch_size=1)
+    trainer = pl.Trainer(
+        max_steps=2,
+        callbacks=[UpdateSparsityMonitor(every_n_steps=2, save_masks=True)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+    )
+    trainer.fit(Gated(), data)
+    masks = MaskFile.open(next(tmp_path.rglob("masks-*.npz")))
+    assert [(p["name"], p["shape"], p["changed"]) for p in masks.parameters] == [
+        ("block.weight", [4], 0),
+        ("block.module.weight", [4, 4], 16),
+    ]

@@ -12,7 +12,7 @@ from typing import Any, get_args
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateFinder
+from lightning.pytorch.callbacks import Callback, LearningRateFinder, StochasticWeightAveraging
 from torch import nn
 from typing_extensions import override
 
@@ -21,7 +21,9 @@ from lightning_power.mup.plan import (
     ModelInit,
     MuPPlan,
     OptimizerFamily,
+    _shared_names,
     _unique_named_parameters,
+    detect_optimizer_family,
 )
 
 TABLE_FILENAME = "mup_params.csv"
@@ -155,6 +157,17 @@ class MuP(Callback):
                     f"it would search without muP's per-group ratios at width multiplier {self.plan.max_width_mult:g}. "
                     "Find the LR at the base width, where every ratio is 1, and transfer it: that is what muP is for"
                 )
+            swa = [cb for cb in callbacks if isinstance(cb, StochasticWeightAveraging)]
+            swa_lrs = getattr(swa[0], "_swa_lrs", None) if swa else None  # Lightning keeps the argument private
+            if isinstance(swa_lrs, float) and self.plan.max_width_mult != 1.0:
+                raise ValueError(
+                    f"StochasticWeightAveraging(swa_lrs={swa_lrs!r}) sets every param group to that one LR, so the "
+                    "SWA phase would train without muP's per-group LR ratios at width multiplier "
+                    f"{self.plan.max_width_mult:g}. Pass swa_lrs as a list, one LR per param group in muP's order: "
+                    "the SWA LR times each group's mup_lr_factor. For an optimizer over all the module's parameters "
+                    "in one group that is [g['lr'] for g in plan.param_groups(model, lr=swa_lr)] with plan = "
+                    "MuPPlan.from_models(model, base, delta, readout) (docs/mup.md, Limits)"
+                )
             if self.model_init is not None:
                 if any(p.is_meta for p in pl_module.parameters()):
                     raise ValueError(
@@ -176,11 +189,21 @@ class MuP(Callback):
         assert self.plan is not None
         if trainer.is_global_zero:
             applied = getattr(pl_module.__dict__.get("configure_optimizers"), "applied", {})
-            write_atomically(os.path.join(log_dir, TABLE_FILENAME), self._table_csv(applied))
+            write_atomically(os.path.join(log_dir, TABLE_FILENAME), self._table_csv(applied, _shared_names(pl_module)))
         metrics = {f"mup/num_{role}": float(count) for role, count in self.plan.role_counts().items()}
         metrics["mup/width_mult"] = self.plan.max_width_mult
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # One key lookup per param group: a group added after configure_optimizers (BaseFinetuning's
+        # unfreeze_and_add_param_group, a user's add_param_group) was never split by muP.
+        for optimizer in trainer.optimizers:
+            if not all("mup_lr_factor" in group for group in optimizer.param_groups):
+                _check_added_groups(optimizer, pl_module, self.plan, self.optimizer_family)
 
     @override
     def on_load_checkpoint(
@@ -226,9 +249,11 @@ class MuP(Callback):
             delta = _build_variant(pl_module, self.delta_overrides, "delta_overrides")
         return MuPPlan.from_models(pl_module, base, delta, self.readout)
 
-    def _table_csv(self, applied: Mapping[str, tuple[OptimizerFamily, float, float]]) -> str:
+    def _table_csv(
+        self, applied: Mapping[str, tuple[OptimizerFamily, float, float]], aliases: Mapping[str, str]
+    ) -> str:
         assert self.plan is not None
-        rows = self.plan.table(applied, self.model_init)
+        rows = self.plan.table(applied, self.model_init, aliases)
         for row in rows:
             row["init_std"] = self._init_std.get(row["name"], math.nan)
         out = io.StringIO()
@@ -268,6 +293,48 @@ def _install_regrouping(pl_module: pl.LightningModule, plan: MuPPlan, family: Op
         return
     # An instance attribute shadows the method (setattr: mypy refuses an assignment to a method)
     setattr(pl_module, "configure_optimizers", _RegroupingConfigureOptimizers(pl_module, current, plan, family))
+
+
+def _check_added_groups(
+    optimizer: torch.optim.Optimizer, module: nn.Module, plan: MuPPlan | None, family: OptimizerFamily | None
+) -> None:
+    """Refuse param groups added after muP's regrouping that hold parameters muP scales; mark the others as factor 1.
+
+    Such a group has the LR and weight decay it was added with, for every parameter in it, so a hidden weight in it
+    would train at the base LR instead of ``lr / m``.
+    """
+    assert plan is not None
+    recorded = {group["mup_family"] for group in optimizer.param_groups if "mup_family" in group}
+    if family is not None:
+        rules = family
+    else:
+        rules = next(iter(recorded)) if len(recorded) == 1 else detect_optimizer_family(optimizer)
+    names = {id(p): name for name, p in _unique_named_parameters(module)}
+
+    def unscaled(param: torch.Tensor) -> bool:
+        name = names.get(id(param))
+        return name is not None and name in plan and plan[name].lr_wd_factors(rules) == (1.0, 1.0)
+
+    for group in optimizer.param_groups:
+        if "mup_lr_factor" in group:
+            continue
+        scaled = [
+            names.get(id(p), f"a tensor of shape {tuple(p.shape)} outside the module")
+            for p in group["params"]
+            if not unscaled(p)
+        ]
+        if scaled:
+            raise ValueError(
+                f"a param group added to {type(optimizer).__qualname__} after configure_optimizers holds "
+                f"{', '.join(scaled[:5])}{f' (and {len(scaled) - 5} more)' if len(scaled) > 5 else ''}, whose muP LR "
+                "and weight-decay factors are not 1 (or unknown to the plan); muP splits only the groups that "
+                "configure_optimizers returns (MuPPlan.regroup and MuPPlan.param_groups, before the first step), so "
+                "this group would train them at the base LR. Put every parameter in configure_optimizers from the "
+                "start, frozen ones too (requires_grad=False: the optimizer skips them while they have no gradient), "
+                "and unfreeze them with requires_grad_(True) (BaseFinetuning.make_trainable) instead of adding a "
+                "group (BaseFinetuning.unfreeze_and_add_param_group)"
+            )
+        group.update(mup_lr_factor=1.0, mup_wd_factor=1.0, mup_family=rules)
 
 
 def _optimizers_and_schedulers(result: Any) -> tuple[list[torch.optim.Optimizer], list[Any]]:

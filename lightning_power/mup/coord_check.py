@@ -61,7 +61,13 @@ from torch import nn
 
 from lightning_power.distributed import logical_param_name
 from lightning_power.files import write_atomically
-from lightning_power.mup.plan import ModelInit, MuPPlan, OptimizerFamily, detect_optimizer_family
+from lightning_power.mup.plan import (
+    ModelInit,
+    MuPPlan,
+    OptimizerFamily,
+    UnknownOptimizerFamily,
+    detect_optimizer_family,
+)
 
 DEFAULT_LR = 2.0**-6  # large for Adam on the demo task (mup_cpu_baseline.md), as a coordinate check wants
 DEFAULT_TOLERANCE = 0.4  # see the module docstring
@@ -300,7 +306,13 @@ def coord_check(
             net = factory(width).float().train()
             plan = MuPPlan.from_models(net, base, delta, readout)
             make_optimizer: Callable[..., torch.optim.Optimizer] = optimizer_cls  # a subclass: it takes lr
-            opt = make_optimizer(net.parameters(), lr=lr, **(optimizer_args or {}))
+            try:
+                opt = make_optimizer(net.parameters(), lr=lr, **(optimizer_args or {}))
+            except TypeError as error:  # a misspelt optimizer argument
+                arguments = dict(optimizer_args or {})
+                raise ValueError(
+                    f"cannot build {optimizer_cls.__qualname__}(params, lr={lr}, **{arguments}): {error}"
+                ) from error
             if mup:
                 if model_init is not None:
                     plan.apply_init(net, model_init)
@@ -570,6 +582,16 @@ def main(argv: list[str] | None = None) -> int:
             optimizer_args = {k: v for k, v in optimizer_cfg.get("init_args", {}).items() if k != "lr"}
         else:
             optimizer, optimizer_args = "adamw", {}
+        optimizer_family = None if args.optimizer else mup_args.get("optimizer_family")
+        if optimizer_family is None:  # an optimizer muP has no rules for is bad input, found before any training
+            optimizer_cls = OPTIMIZERS[optimizer] if isinstance(optimizer, str) else optimizer
+            try:
+                detect_optimizer_family(optimizer_cls)
+            except TypeError as error:  # Adafactor, or a class muP does not know (UnknownOptimizerFamily)
+                where = " (in the config's MuP callback init_args)" if isinstance(error, UnknownOptimizerFamily) else ""
+                raise ValueError(
+                    f"optimizer {getattr(optimizer_cls, '__qualname__', optimizer_cls)!r}: {error}{where}"
+                ) from error
         batches = _batches(config.get("data", {}), _key_values(args.data_args, "--data-args"), model_args, args.steps)
     except (OSError, ValueError) as error:
         parser.error(str(error))
@@ -589,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
                 lr=args.lr,
                 optimizer=optimizer,
                 optimizer_args=optimizer_args,
-                optimizer_family=None if args.optimizer else mup_args.get("optimizer_family"),
+                optimizer_family=optimizer_family,
                 readout=mup_args.get("readout"),
                 model_init=mup_args.get("model_init", "fixed_std"),
                 tolerance=args.tolerance,
@@ -645,7 +667,14 @@ def _batches(
     if "class_path" not in data_cfg:
         init_args.setdefault("context_length", model_args.get("context_length", 128))
         init_args.setdefault("batch_size", 16)
-    datamodule = _import(data_cfg.get("class_path", "lightning_power.demo.ByteCorpus"))(**init_args)
+    data_cls = _import(data_cfg.get("class_path", "lightning_power.demo.ByteCorpus"))
+    try:
+        datamodule = data_cls(**init_args)
+    except TypeError as error:  # a misspelt --data-args or data init_args key
+        raise ValueError(
+            f"cannot build the data module {getattr(data_cls, '__qualname__', data_cls)} from the config's data "
+            f"init_args and --data-args {init_args}: {error}"
+        ) from error
     datamodule.setup("fit")
     batches = []
     for batch in datamodule.train_dataloader():

@@ -37,6 +37,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import warnings
@@ -48,7 +49,7 @@ import torch
 import yaml
 from torch import nn
 
-from lightning_power.distributed import local_tensor, logical_param_name
+from lightning_power.distributed import local_tensor, logical_names, logical_param_name
 from lightning_power.mup.readout import attach_readout_multiplier
 
 Role = Literal["vector_like", "hidden", "readout"]
@@ -325,11 +326,12 @@ class MuPPlan:
         Works for any torch optimizer of the family: ``torch.optim.AdamW(plan.param_groups(model, lr=1e-2))``.
         Each group also records ``mup_lr_factor``, ``mup_wd_factor`` and ``mup_family``, so a
         :class:`~lightning_power.mup.MuP` callback does not scale it again, and refuses it for an optimizer of the
-        other family.
+        other family. Groups are named after their parameters' classes (``hidden``, ``vector_like-readout``).
         """
         _check_family(optimizer)
         params = [p for p in model.parameters() if p.requires_grad]
-        return self._split({"params": params, "lr": lr, "weight_decay": weight_decay}, _names_by_id(model), optimizer)
+        group = {"params": params, "lr": lr, "weight_decay": weight_decay}
+        return _unique_group_names(self._split(group, _names_by_id(model), optimizer, prefix=None))
 
     def regroup(
         self,
@@ -346,7 +348,8 @@ class MuPPlan:
         groups, and its LR lists scaled the same way, so closed-form schedulers keep muP's ratios. ``family`` is
         detected from the optimizer class when ``None``. Groups that already carry ``mup_lr_factor`` (built by
         :meth:`param_groups`) are kept as they are, provided they were built for ``family``; returns ``False`` when
-        that is every group.
+        that is every group. New groups are named ``[<group name or pgN>/]<classes>`` (``decay/hidden``), unique per
+        optimizer, for ``LearningRateMonitor``'s tags.
         """
         recorded = {group.get("mup_family") for group in optimizer.param_groups}
         if family is not None:
@@ -375,26 +378,37 @@ class MuPPlan:
         new_groups: list[dict[str, Any]] = []
         origin: list[int] = []
         for index, group in enumerate(optimizer.param_groups):
-            split = [group] if "mup_lr_factor" in group else self._split(group, names, family)
+            prefix = group.get("name", f"pg{index + 1}" if len(optimizer.param_groups) > 1 else None)
+            split = [group] if "mup_lr_factor" in group else self._split(group, names, family, prefix)
             new_groups.extend(split)
             origin.extend([index] * len(split))
         optimizer.param_groups.clear()
-        for group in new_groups:
+        for group in _unique_group_names(new_groups):
             optimizer.add_param_group(group)
         factors = [group["mup_lr_factor"] for group in new_groups]
         for scheduler in schedulers:
             _rebase_scheduler(scheduler, optimizer, origin, factors)
         return True
 
-    def _split(self, group: Mapping[str, Any], names: Mapping[int, str], family: OptimizerFamily) -> list[dict]:
-        """One group per distinct (LR factor, WD factor), in order of first appearance, params in their order."""
+    def _split(
+        self, group: Mapping[str, Any], names: Mapping[int, str], family: OptimizerFamily, prefix: Any
+    ) -> list[dict]:
+        """One group per distinct (LR factor, WD factor), in order of first appearance, params in their order.
+
+        Each is named after the classes of its parameters (``hidden``, ``vector_like-readout``), after ``prefix/``
+        when given, which ``LearningRateMonitor`` uses for its tags (``lr-AdamW/hidden``).
+        """
         buckets: dict[tuple[float, float], list[torch.Tensor]] = {}
+        roles: dict[tuple[float, float], set[Role]] = {}
         for param in group["params"]:
             if id(param) not in names:
                 raise ValueError(
                     f"an optimizer parameter of shape {tuple(param.shape)} is not a parameter of the model"
                 )
-            buckets.setdefault(self.spec_for(names[id(param)]).lr_wd_factors(family), []).append(param)
+            spec = self.spec_for(names[id(param)])
+            factors = spec.lr_wd_factors(family)
+            buckets.setdefault(factors, []).append(param)
+            roles.setdefault(factors, set()).add(spec.role)
         hyper = {key: value for key, value in group.items() if key != "params"}
         split = []
         for (lr_factor, wd_factor), params in buckets.items():
@@ -404,13 +418,13 @@ class MuPPlan:
                     new[key] = new[key] * lr_factor
             if "weight_decay" in new:
                 new["weight_decay"] = new["weight_decay"] * wd_factor
-            if "name" in hyper and len(buckets) > 1:  # LearningRateMonitor rejects duplicate group names
-                new["name"] = f"{hyper['name']}/lr_factor={lr_factor:g}"
+            label = "-".join(role for role in get_args(Role) if role in roles[lr_factor, wd_factor])
+            new["name"] = label if prefix is None else f"{prefix}/{label}"
             split.append(new)
         return split
 
     # ----------------------------------------------------------------------------------------------- init & readout
-    def init_factor(self, name: str, model_init: ModelInit) -> float:
+    def init_factor(self, name: str, model_init: ModelInit, aliases: Mapping[str, str] | None = None) -> float:
         """The factor :meth:`apply_init` multiplies parameter ``name`` by (Table 8 init column).
 
         ``"fixed_std"``: the module draws with width-independent stds (``normal_(std=0.02)``, GPT-2, the demo GPT);
@@ -420,6 +434,9 @@ class MuPPlan:
         ``nn.Linear`` and convolutions. The rule goes by shape, so it also covers other modules whose default bias
         shrinks with fan-in (``nn.Bilinear``), which ``mup`` leaves out; a custom module that draws its bias at a fixed
         std wants ``"fixed_std"`` (:meth:`apply_init` refuses ``"torch_default"`` for a tied readout).
+
+        ``aliases`` maps the other names of a shared parameter to the one the plan keeps (``_shared_names(model)``), so
+        that a layer whose weight is another layer's still finds it for its own bias.
         """
         spec = self.spec_for(name)
         if model_init == "fixed_std":
@@ -427,7 +444,8 @@ class MuPPlan:
         if spec.role == "readout":
             return spec.width_mult**0.5
         owner, _, leaf = name.rpartition(".")
-        weight = self.params.get(f"{owner}.weight" if owner else "weight")
+        weight_name = f"{owner}.weight" if owner else "weight"
+        weight = self.params.get((aliases or {}).get(weight_name, weight_name))
         if leaf == "bias" and weight is not None and len(weight.shape) >= 2:
             return weight.fan_in_mult**0.5
         return 1.0
@@ -441,9 +459,10 @@ class MuPPlan:
             return False
         if model_init == "torch_default":
             self._refuse_tied_readout(model)
+        aliases = _shared_names(model)
         with torch.no_grad():
             for name, param in _unique_named_parameters(model):
-                factor = self.init_factor(name, model_init)
+                factor = self.init_factor(name, model_init, aliases)
                 if factor != 1.0:
                     local_tensor(param).mul_(factor)
         setattr(model, _INIT_DONE_ATTR, True)
@@ -484,11 +503,15 @@ class MuPPlan:
 
     # ----------------------------------------------------------------------------------------------- audit
     def table(
-        self, applied: Mapping[str, tuple[OptimizerFamily, float, float]], model_init: ModelInit | None
+        self,
+        applied: Mapping[str, tuple[OptimizerFamily, float, float]],
+        model_init: ModelInit | None,
+        aliases: Mapping[str, str] | None = None,
     ) -> list[dict]:
         """One row per parameter: class, shapes, multipliers, LR / WD / init factors (the audit CSV).
 
-        ``applied`` maps a parameter name to the optimizer family and the LR and WD factors of its param group.
+        ``applied`` maps a parameter name to the optimizer family and the LR and WD factors of its param group;
+        ``aliases`` are the model's ``_shared_names(model)``.
         """
         rows = []
         for name, spec in self.params.items():
@@ -505,7 +528,7 @@ class MuPPlan:
                     "optimizer_family": fam,
                     "lr_factor": lr_factor,
                     "wd_factor": wd_factor,
-                    "init_factor": self.init_factor(name, model_init) if model_init else 1.0,
+                    "init_factor": self.init_factor(name, model_init, aliases) if model_init else 1.0,
                 }
             )
         return rows
@@ -535,6 +558,23 @@ def detect_optimizer_family(optimizer: torch.optim.Optimizer | type[torch.optim.
         f"cannot tell whether {cls.__qualname__} is Adam-like or SGD-like for muP; pass "
         "optimizer_family='adam' (entrywise-normalised updates) or 'sgd' (updates proportional to the gradient)"
     )
+
+
+def _unique_group_names(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rename, in place, every param group whose name an earlier group has (``hidden`` again: ``hidden_2``), because
+    ``LearningRateMonitor`` refuses an optimizer with two groups of one name. Returns ``groups``."""
+    taken = [group["name"] for group in groups if "name" in group]
+    seen: set[Any] = set()
+    for group in groups:
+        name = group.get("name")
+        if name is None:
+            continue
+        if name in seen:
+            name = next(f"{name}_{n}" for n in itertools.count(2) if f"{name}_{n}" not in taken)
+            group["name"] = name
+            taken.append(name)
+        seen.add(name)
+    return groups
 
 
 def _check_family(family: str) -> OptimizerFamily:
@@ -591,12 +631,30 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def _unique_named_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """``(logical name, parameter)`` pairs, tied parameters once (under their first name)."""
-    return [(logical_param_name(name), param) for name, param in model.named_parameters()]
+    """``(logical name, parameter)`` pairs, tied parameters once (under their first name).
+
+    Two distinct parameters with one logical name (``module.weight`` next to ``weight``) are a ``ValueError``: the plan
+    would give both one class, init and LR.
+    """
+    named = list(model.named_parameters())
+    return [(name, param) for name, (_, param) in zip(logical_names(raw for raw, _ in named), named)]
 
 
 def _names_by_id(model: nn.Module) -> dict[int, str]:
     return {id(param): name for name, param in _unique_named_parameters(model)}
+
+
+def _shared_names(model: nn.Module) -> dict[str, str]:
+    """Every other logical name of a shared parameter (``b.weight`` after ``b.weight = a.weight``) -> the name the
+    plan keeps it under, its first (``a.weight``)."""
+    kept = _names_by_id(model)
+    return {
+        logical: kept[id(param)]
+        for logical, param in (
+            (logical_param_name(name), param) for name, param in model.named_parameters(remove_duplicate=False)
+        )
+        if kept[id(param)] != logical
+    }
 
 
 def _align(shapes: Mapping[str, tuple[int, ...]], other: Mapping[str, tuple], what: str) -> dict[str, tuple]:
