@@ -88,6 +88,19 @@ def test_yaml_scheduler_steps_once_per_optimizer_step(accumulate):
     assert RecordLR.lrs == pytest.approx(expected, rel=1e-12)
 
 
+# A ReduceLROnPlateau that halves the LR (0.01) after every validation but the first: no validation improves val/loss
+# by 10 nats.
+HALVE_ON_EVERY_PLATEAU = (
+    "--optimizer.lr=0.01",
+    "--lr_scheduler=lightning.pytorch.cli.ReduceLROnPlateau",
+    "--lr_scheduler.monitor=val/loss",
+    "--lr_scheduler.factor=0.5",
+    "--lr_scheduler.patience=0",
+    "--lr_scheduler.threshold=10",
+    "--lr_scheduler.threshold_mode=abs",
+)
+
+
 def test_yaml_reduce_lr_on_plateau_steps_on_the_validation_metric(tmp_path):
     # 3 epochs of 3 steps, validated after each; a plateau is any epoch that does not improve val/loss by 10 nats,
     # so the LR halves after the second epoch.
@@ -98,13 +111,7 @@ def test_yaml_reduce_lr_on_plateau_steps_on_the_validation_metric(tmp_path):
             DEMO,
             *tiny_cli_args(max_steps=9),
             "--trainer.limit_train_batches=3",
-            "--optimizer.lr=0.01",
-            "--lr_scheduler=lightning.pytorch.cli.ReduceLROnPlateau",
-            "--lr_scheduler.monitor=val/loss",
-            "--lr_scheduler.factor=0.5",
-            "--lr_scheduler.patience=0",
-            "--lr_scheduler.threshold=10",
-            "--lr_scheduler.threshold_mode=abs",
+            *HALVE_ON_EVERY_PLATEAU,
         ]
     )
     metrics = read_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
@@ -123,13 +130,7 @@ def test_yaml_reduce_lr_on_plateau_steps_right_after_each_validation_inside_an_e
             *tiny_cli_args(max_steps=8),
             "--trainer.logger=false",
             "--trainer.val_check_interval=2",
-            "--optimizer.lr=0.01",
-            "--lr_scheduler=lightning.pytorch.cli.ReduceLROnPlateau",
-            "--lr_scheduler.monitor=val/loss",
-            "--lr_scheduler.factor=0.5",
-            "--lr_scheduler.patience=0",
-            "--lr_scheduler.threshold=10",
-            "--lr_scheduler.threshold_mode=abs",
+            *HALVE_ON_EVERY_PLATEAU,
             "--trainer.callbacks+=tests.test_cli.RecordLR",
         ]
     )

@@ -6,6 +6,7 @@ import copy
 import csv
 import math
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import mup
@@ -63,16 +64,11 @@ def fit(model: pl.LightningModule, callback: MuP, max_steps: int = STEPS, ckpt_p
     return recorder.losses, trainer
 
 
-def quiet_trainer(*callbacks: pl.Callback) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-    )
+def quiet_trainer(*callbacks: pl.Callback, **overrides: Any) -> pl.Trainer:
+    """A CPU trainer without logger, checkpoints or progress output; one step unless ``overrides`` say otherwise."""
+    settings: dict[str, Any] = {"accelerator": "cpu", "max_steps": 1, "logger": False, "enable_progress_bar": False}
+    settings |= {"enable_checkpointing": False, "enable_model_summary": False, **overrides}
+    return pl.Trainer(callbacks=list(callbacks), **settings)
 
 
 def mup_callback(**kw) -> MuP:
@@ -501,15 +497,7 @@ def test_swa_with_one_lr_is_refused_above_the_base_width_and_a_list_per_group_ke
 
     def swa_fit(model: GPT, swa_lrs: float | list[float]) -> pl.Trainer:
         swa = StochasticWeightAveraging(swa_lrs=swa_lrs, swa_epoch_start=1, annealing_epochs=1)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            max_epochs=3,
-            logger=False,
-            enable_progress_bar=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            callbacks=[mup_callback(), swa],
-        )
+        trainer = quiet_trainer(mup_callback(), swa, max_steps=-1, max_epochs=3)
         trainer.fit(model, one_batch())
         return trainer
 
@@ -568,15 +556,7 @@ def test_a_param_group_added_during_training_must_not_hold_parameters_mup_scales
     def finetune(frozen: list[str], add: bool, all_params: bool = False) -> tuple[Backbone, pl.Trainer]:
         model = Backbone(all_params=all_params)
         callback = MuP(base_overrides={"width": 16}, delta_overrides={"width": 32}, readout="head")
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            max_epochs=2,
-            logger=False,
-            enable_progress_bar=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            callbacks=[callback, Unfreeze(frozen, add)],
-        )
+        trainer = quiet_trainer(callback, Unfreeze(frozen, add), max_steps=-1, max_epochs=2)
         data = DataLoader(TensorDataset(torch.randn(8, 4), torch.arange(8) % 3), batch_size=8)
         trainer.fit(model, data)
         return model, trainer

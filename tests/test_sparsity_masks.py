@@ -19,24 +19,14 @@ from lightning_power.sparsity.layers import group_by_layer, layer_of
 from lightning_power.sparsity.masks import MaskFile, pack_bits, popcount
 from lightning_power.sparsity.overlap import main
 from lightning_power.sparsity.snapshot import Layout, Snapshot
+from tests.helpers.masks import write_raw_masks_file
 
 
 def write_masks_file(path, masks: dict[str, np.ndarray], **metadata) -> None:
-    """A masks file written from the documented format alone (numpy.savez), not through our writer."""
-    header = {
-        "format": "lightning-power/update-masks",
-        "version": 1,
-        "bit_order": "big",
-        "compare_as": None,
-        "atol": 0.0,
-        "reference": "fit_start",
-        "reference_step": 0,
-        "step": 10,
-        **metadata,
-        "parameters": [{"name": n, "shape": list(m.shape), "changed": int(m.sum())} for n, m in masks.items()],
-    }
+    """A masks file of these boolean masks, written from the documented format alone (numpy.savez)."""
+    parameters = [{"name": n, "shape": list(m.shape), "changed": int(m.sum())} for n, m in masks.items()]
     arrays = {n: np.packbits(m.reshape(-1), bitorder="big") for n, m in masks.items()}
-    np.savez(path, __metadata__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+    write_raw_masks_file(path, arrays, parameters, **metadata)
 
 
 def mask(shape, changed_indices) -> np.ndarray:

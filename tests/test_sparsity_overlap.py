@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from lightning_power.sparsity import overlap
 from lightning_power.sparsity.masks import MaskFile
 from lightning_power.sparsity.overlap import main
+from tests.helpers.masks import write_raw_masks_file
 
 EIGHT_OF_64 = np.packbits(np.arange(64) < 8, bitorder="big")  # elements 0..7 changed: bytes ff 00 00 ...
-
-
-def write_raw(path, members: dict[str, np.ndarray], parameters, **header) -> None:
-    """A masks file with exactly these members and metadata, consistent or not (numpy.savez, as a third party)."""
-    metadata = {
-        "format": "lightning-power/update-masks",
-        "version": 1,
-        "bit_order": "big",
-        "compare_as": None,
-        "atol": 0.0,
-        "reference": "fit_start",
-        "reference_step": 0,
-        "step": 10,
-        "parameters": parameters,
-        **header,
-    }
-    np.savez(path, __metadata__=np.frombuffer(json.dumps(metadata).encode(), dtype=np.uint8), **members)
 
 
 BAD_FILES = {
@@ -96,8 +78,8 @@ def test_a_masks_file_that_contradicts_itself_is_refused_naming_file_member_and_
     shape = parameters[0].get("shape", [64]) if isinstance(parameters, list) else [64]
     shape = [abs(size) for size in shape]
     good = np.packbits(np.arange(np.prod(shape)) < 8, bitorder="big")  # a valid file of the same shape
-    write_raw(tmp_path / "good.npz", {"w": good}, [{"name": "w", "shape": shape, "changed": 8}])
-    write_raw(tmp_path / "bad.npz", members, parameters)
+    write_raw_masks_file(tmp_path / "good.npz", {"w": good}, [{"name": "w", "shape": shape, "changed": 8}])
+    write_raw_masks_file(tmp_path / "bad.npz", members, parameters)
     with pytest.raises(ValueError, match=rf"'{tmp_path / 'bad.npz'}' is damaged: {message}"):
         overlap(tmp_path / "good.npz", tmp_path / "bad.npz")
     for files in (["good.npz", "bad.npz"], ["bad.npz", "good.npz"]):
@@ -107,7 +89,7 @@ def test_a_masks_file_that_contradicts_itself_is_refused_naming_file_member_and_
 
 
 def test_another_bit_order_is_refused(tmp_path):
-    write_raw(
+    write_raw_masks_file(
         tmp_path / "little.npz", {"w": EIGHT_OF_64}, [{"name": "w", "shape": [64], "changed": 8}], bit_order="little"
     )
     with pytest.raises(
@@ -117,7 +99,7 @@ def test_another_bit_order_is_refused(tmp_path):
 
 
 def test_reading_checks_every_access_and_unknown_names_are_a_key_error(tmp_path):
-    write_raw(tmp_path / "b.npz", {"w": EIGHT_OF_64}, [{"name": "w", "shape": [64], "changed": 2}])
+    write_raw_masks_file(tmp_path / "b.npz", {"w": EIGHT_OF_64}, [{"name": "w", "shape": [64], "changed": 2}])
     masks = MaskFile.open(tmp_path / "b.npz")  # the metadata alone is valid
     for read in (masks.packed, masks.unpacked, masks.read):
         with pytest.raises(ValueError, match="has 8 changed elements"):
@@ -127,9 +109,9 @@ def test_reading_checks_every_access_and_unknown_names_are_a_key_error(tmp_path)
 
 
 def test_counts_of_a_valid_file_come_from_its_bits(tmp_path):
-    write_raw(tmp_path / "a.npz", {"w": EIGHT_OF_64}, [{"name": "w", "shape": [64], "changed": 8}])
+    write_raw_masks_file(tmp_path / "a.npz", {"w": EIGHT_OF_64}, [{"name": "w", "shape": [64], "changed": 8}])
     half = np.packbits(np.arange(64) % 2 == 0)  # 32 changed, 4 of them among A's 8
-    write_raw(tmp_path / "b.npz", {"w": half}, [{"name": "w", "shape": [64], "changed": 32}])
+    write_raw_masks_file(tmp_path / "b.npz", {"w": half}, [{"name": "w", "shape": [64], "changed": 32}])
     packed, changed = MaskFile.open(tmp_path / "b.npz").read("w")
     assert changed == 32 and np.array_equal(packed, half)
     report = overlap(tmp_path / "a.npz", tmp_path / "b.npz")
