@@ -2,8 +2,7 @@
 
 Two LightningCLI traps are fixed here:
 
-- a scheduler chosen under ``lr_scheduler:`` steps once per **optimizer step** (LightningCLI's default is per epoch),
-  and a ``lightning.pytorch.cli.ReduceLROnPlateau`` once after **each validation** (LightningCLI's: at each epoch end);
+- a scheduler chosen under ``lr_scheduler:`` steps once per **optimizer step** (LightningCLI's default is per epoch);
 - the optimizer chosen under ``optimizer:`` is built inside ``configure_optimizers``, i.e. **after** the strategy has
   wrapped and sharded the model. LightningCLI builds it at start-up, so under ``ModelParallelStrategy`` (FSDP2) it would
   hold stale, pre-sharding parameters and train nothing.
@@ -51,32 +50,6 @@ TOOLS: dict[str, str] = {
     "recommend": "lightning_power.recommend:main",
     "calibrate": "lightning_power.calibrate:main",
 }
-
-
-# A frequency Lightning's own stepping never reaches: _PlateauAfterValidation steps these schedulers instead
-_STEPPED_AFTER_VALIDATION = sys.maxsize
-
-
-class _PlateauAfterValidation(Callback):
-    """Steps the CLI's ``ReduceLROnPlateau`` once after each validation of ``fit``, on the metric it just logged.
-
-    Lightning steps a plateau scheduler at the end of each training epoch (or every ``frequency`` batches of the
-    epoch), which drifts from ``val_check_interval``: a validation inside an epoch would go unseen.
-    """
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit" or not pl_module.automatic_optimization:
-            return
-        for config in trainer.lr_scheduler_configs:
-            if not config.reduce_on_plateau or config.frequency != _STEPPED_AFTER_VALIDATION:
-                continue
-            value = trainer.callback_metrics.get(str(config.monitor))
-            if value is None:
-                raise ValueError(
-                    f"lr_scheduler: ReduceLROnPlateau monitors {config.monitor!r}, which validation did not log; "
-                    f"it logged {sorted(trainer.callback_metrics)}"
-                )
-            pl_module.lr_scheduler_step(config.scheduler, value)
 
 
 class LightningPowerCLI(LightningCLI):
@@ -170,13 +143,13 @@ class LightningPowerCLI(LightningCLI):
     def configure_optimizers(
         lightning_module: pl.LightningModule, optimizer: Optimizer, lr_scheduler: LRSchedulerTypeUnion | None = None
     ) -> Any:
-        """The model's ``configure_optimizers`` return: the scheduler steps per optimizer step, a plateau one after
-        each validation. Override it (as in LightningCLI) to return something else."""
+        """The model's ``configure_optimizers`` return: the scheduler steps per optimizer step; a plateau one, which
+        needs its metric, at each training epoch's end as in LightningCLI. Override it to return something else."""
         if lr_scheduler is None:
             return {"optimizer": optimizer}
         if isinstance(lr_scheduler, ReduceLROnPlateau):
-            config = {"monitor": lr_scheduler.monitor, "interval": "step", "frequency": _STEPPED_AFTER_VALIDATION}
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, **config}}
+            plateau = {"scheduler": lr_scheduler, "monitor": lr_scheduler.monitor}
+            return {"optimizer": optimizer, "lr_scheduler": plateau}
         if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             raise ValueError(
                 "lr_scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau has no `monitor` argument to name the metric "
@@ -191,7 +164,6 @@ class LightningPowerCLI(LightningCLI):
         has_monitor = any(isinstance(cb, LearningRateMonitor) for cb in callbacks)
         if trainer.loggers and not has_monitor:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
-        callbacks.insert(0, _PlateauAfterValidation())  # before ModelCheckpoint: a checkpoint holds the stepped LR
         return trainer
 
 

@@ -102,10 +102,6 @@ class TokenScheduler(LRScheduler):
         """Whether the schedule advances by tokens (else by optimizer steps)."""
         return True
 
-    def decay_start(self) -> int | None:
-        """Where the decay starts, in the schedule's units (tokens or steps); ``None`` without a decay."""
-        return None
-
     def units_consumed(self) -> int:
         """The units (tokens or steps) consumed by the optimizer steps taken, as of the last report."""
         if not self.counts_tokens():
@@ -122,8 +118,11 @@ class TokenScheduler(LRScheduler):
         self._optimizer_steps_at_epoch += 1
         if self.last_epoch < 0:
             return  # SequentialLR undid the construction step: idle until its milestone
-        if [group["lr"] for group in self.optimizer.param_groups] != self._last_lr:
-            return  # something else sets the LR for now, e.g. Lightning's LR finder
+        current = [group["lr"] for group in self.optimizer.param_groups]
+        if any(isinstance(lr, torch.Tensor) for lr in current):
+            return  # a tensor LR is updated in place: who wrote it last cannot be told
+        if any(lr is not ours for lr, ours in zip(current, self._last_lr)):
+            return  # another writer set it, maybe to an equal value: Lightning's LR finder, SequentialLR's next phase
         name = type(self).__name__
         message = (
             f"{name} must be stepped once per optimizer step: configure it with interval='step' and frequency=1 "
@@ -229,27 +228,35 @@ class TokenScheduler(LRScheduler):
         self._warn_if_branched_behind(state_dict, saved_lrs)
 
     def _warn_if_branched_behind(self, state_dict: dict[str, Any], saved_lrs: list[Any] | None) -> None:
-        """Warn when new settings put the decay start behind the checkpoint: the LR jumps instead of decaying."""
+        """Warn when new settings start the decay behind a checkpoint that was not yet decaying: the LR jumps into the
+        middle of the new decay instead of decaying from the checkpoint."""
         start = self.decay_start()
         consumed = self.units_consumed()
-        if start is None or consumed <= start:
-            return
-        changed = [
-            key for key in self._schedule_settings() if key in state_dict and state_dict[key] != getattr(self, key)
-        ]
-        if not changed:
-            return  # the same schedule, resumed inside its own decay
+        if start is None or consumed <= start or not set(self._schedule_settings()) <= state_dict.keys():
+            return  # no decay behind the checkpoint, or a checkpoint that does not say its settings
+        saved_start = self._decay_start_of(state_dict)
+        if saved_start is not None and saved_start < consumed:
+            return  # the checkpoint was decaying already: a resume of (or a change to) the decay it was in
         lrs = f" (the checkpoint's LR {saved_lrs[0]:.6g}, now {self._last_lr[0]:.6g})" if saved_lrs else ""
+        unit = "tokens" if self.counts_tokens() else "steps"
+        saved = "no decay" if saved_start is None else f"its decay was to start at {saved_start}"
         rank_zero_warn(
-            f"{type(self).__name__} resumed at {consumed} {'tokens' if self.counts_tokens() else 'steps'} with new "
-            f"settings ({', '.join(f'{key}: {state_dict[key]!r} -> {getattr(self, key)!r}' for key in changed)}) "
-            f"whose decay starts earlier, at {start}: the LR jumps to the middle of that decay{lrs}. To branch a "
-            f"decay from this checkpoint, start it at {consumed} or later"
+            f"{type(self).__name__} resumed at {consumed} {unit} ({saved}) with settings whose decay starts earlier, "
+            f"at {start}: the LR jumps to the middle of that decay{lrs}. To branch a decay from this checkpoint, start "
+            f"it at {consumed} or later"
         )
 
     def _schedule_settings(self) -> tuple[str, ...]:
-        """The settings that shape the schedule, compared with a checkpoint's on resume."""
+        """The settings that place the decay, read from a checkpoint's state on resume."""
         return ()
+
+    def _decay_start_of(self, settings: Any) -> int | None:
+        """Where the decay of a schedule with these settings (a mapping) starts, in its units; ``None`` without one."""
+        return None
+
+    def decay_start(self) -> int | None:
+        """Where the decay starts, in the schedule's units (tokens or steps); ``None`` without a decay."""
+        return self._decay_start_of(vars(self))
 
 
 def _base_lr(group: dict[str, Any]) -> float:
@@ -349,12 +356,13 @@ class PowerScheduler(TokenScheduler):
         return self.total_tokens
 
     @override
-    def decay_start(self) -> int | None:
-        return None if self.total_tokens is None else self.total_tokens - self.decay_tokens
+    def _schedule_settings(self) -> tuple[str, ...]:
+        return ("decay_tokens", "total_tokens")
 
     @override
-    def _schedule_settings(self) -> tuple[str, ...]:
-        return ("a", "b", "lr_max", "warmup_tokens", "decay_tokens", "total_tokens", "decay_shape", "min_lr_ratio")
+    def _decay_start_of(self, settings: Any) -> int | None:
+        total = settings["total_tokens"]
+        return None if total is None else total - settings["decay_tokens"]
 
     @override
     def factor(self) -> float:
@@ -441,12 +449,12 @@ class WSDScheduler(TokenScheduler):
         return self.units == "tokens"
 
     @override
-    def decay_start(self) -> int | None:
-        return self.total - self.decay
+    def _schedule_settings(self) -> tuple[str, ...]:
+        return ("total", "decay")
 
     @override
-    def _schedule_settings(self) -> tuple[str, ...]:
-        return ("warmup", "total", "decay", "decay_shape", "min_lr_ratio", "units")
+    def _decay_start_of(self, settings: Any) -> int | None:
+        return settings["total"] - settings["decay"]
 
     @override
     def factor(self) -> float:

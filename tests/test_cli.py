@@ -119,9 +119,9 @@ def test_yaml_reduce_lr_on_plateau_steps_on_the_validation_metric(tmp_path):
     assert [lr for _, lr in metrics["lr-AdamW"]] == pytest.approx([0.01] * 6 + [0.005] * 3, rel=1e-12)
 
 
-def test_yaml_reduce_lr_on_plateau_steps_right_after_each_validation_inside_an_epoch():
-    # Validation every 2 batches inside a long first epoch; every validation after the first is a plateau (it does not
-    # improve val/loss by 10 nats), so the LR halves right after the validations at steps 4 and 6.
+def test_yaml_reduce_lr_on_plateau_steps_at_epoch_end_only_as_in_lightning_cli():
+    # Validation every 2 batches inside one long epoch: the plateaus it sees do not step the scheduler, which steps
+    # at the end of each training epoch (the epoch-end case is the test above), as LightningCLI's does.
     main(
         [
             "fit",
@@ -134,7 +134,7 @@ def test_yaml_reduce_lr_on_plateau_steps_right_after_each_validation_inside_an_e
             "--trainer.callbacks+=tests.test_cli.RecordLR",
         ]
     )
-    assert RecordLR.lrs == pytest.approx([0.01] * 4 + [0.005] * 2 + [0.0025] * 2, rel=1e-12)
+    assert RecordLR.lrs == pytest.approx([0.01] * 8, rel=1e-12)
 
 
 def test_torchs_reduce_lr_on_plateau_is_refused_with_the_class_that_takes_a_monitor():

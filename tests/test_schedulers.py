@@ -432,6 +432,12 @@ def test_steps_the_optimizer_skips_or_another_scheduler_drives_are_no_missed_sch
     sequential = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, power], milestones=[5])
     # Power sits idle for the first 5 steps, the last 3 of them at its own LR, 0.02
     assert flat(used_lrs(optimizer, sequential, 8)) == pytest.approx([0.01, 0.015] + [0.02] * 6)
+    # and the hand-off the other way: a WSD, then a LinearLR whose first LR equals the WSD's last one
+    optimizer = sgd(0.02)
+    wsd = WSDScheduler(optimizer, warmup=0, total=10**6, decay=1)
+    cooldown = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=4)
+    sequential = torch.optim.lr_scheduler.SequentialLR(optimizer, [wsd, cooldown], milestones=[3])
+    assert flat(used_lrs(optimizer, sequential, 7)) == pytest.approx([0.02] * 4 + [0.015, 0.01, 0.005])
     assert not [w for w in recwarn if "stepped once per optimizer step" in str(w.message)]
 
 
@@ -444,19 +450,34 @@ def test_branching_a_decay_that_starts_behind_the_checkpoint_warns_of_the_jump(r
     assert not recwarn.list
     with pytest.warns(
         UserWarning,
-        match=r"resumed at 400 steps with new settings \(total: 1000 -> 600, decay: 100 -> "
-        r"300\) whose decay starts earlier, at 300: the LR jumps .*LR 1, now 0.4",
+        match=r"resumed at 400 steps \(its decay was to start at 900\) with settings whose decay starts earlier, at "
+        r"300: the LR jumps .*LR 1, now 0.4",
     ):
         WSDScheduler(sgd(1.0), warmup=10, total=600, decay=300).load_state_dict(scheduler.state_dict())
+    # A checkpoint inside its own decay: other floors, shapes or a moved decay are the user's change to that decay
+    used_lrs(optimizer, scheduler, 550)  # step 950, in the decay that started at 900
+    recwarn.clear()
+    for changed in ({"min_lr_ratio": 0.1}, {"decay_shape": "linear"}, {"total": 1200, "decay": 400}):
+        WSDScheduler(sgd(1.0), **({"warmup": 10, "total": 1000, "decay": 100} | changed)).load_state_dict(
+            scheduler.state_dict()
+        )
+    assert not recwarn.list
 
     tps = 4096
     optimizer = sgd(0.02)
     power = PowerScheduler(optimizer, tokens_per_step=tps)
     used_lrs(optimizer, power, 10)
-    with pytest.warns(UserWarning, match=f"resumed at {10 * tps} tokens .*total_tokens: None -> {16 * tps}"):
+    with pytest.warns(UserWarning, match=rf"resumed at {10 * tps} tokens \(no decay\) .* earlier, at {8 * tps}:"):
         PowerScheduler(sgd(0.02), tokens_per_step=tps, total_tokens=16 * tps, decay_tokens=8 * tps).load_state_dict(
             power.state_dict()
         )
+    decaying = PowerScheduler(optimizer := sgd(0.02), tokens_per_step=tps, total_tokens=16 * tps, decay_tokens=8 * tps)
+    used_lrs(optimizer, decaying, 10)
+    recwarn.clear()  # a new lr_max (here from a new optimizer LR) inside the decay moves no decay start
+    PowerScheduler(sgd(0.01), tokens_per_step=tps, total_tokens=16 * tps, decay_tokens=8 * tps).load_state_dict(
+        decaying.state_dict()
+    )
+    assert not recwarn.list
 
 
 # --- Lightning -------------------------------------------------------------------------------------------------------
