@@ -129,15 +129,16 @@ def replace_path(new: Path, target: Path) -> None:
     At every instant ``target`` holds the complete old or the complete new checkpoint, or, between the two renames,
     the aside path holds the old one. That name (``last.ckpt`` -> ``last.old.ckpt``) is still a ``last*.ckpt``, so
     ``ckpt_path="last"`` finds it, and ``load_checkpoint`` falls back to it when given ``target``. An aside left by
-    a kill in that window, with no ``target``, is kept until ``new`` is in place.
+    a kill in that window, with no ``target``, is kept until ``new`` is in place. An aside is renamed out of that
+    pattern before it is deleted, so a kill while deleting never leaves a partial checkpoint that "last" would pick.
     """
     old = aside_path(target)
     if target.exists() or target.is_symlink():
-        _remove(old)
+        _discard(old)
         target.rename(old)
     new.rename(target)
-    _remove(old)
-    _remove(target.with_name(target.name + ".old"))  # where earlier versions set the old checkpoint aside
+    _discard(old)
+    _discard(target.with_name(target.name + ".old"))  # where earlier versions set the old checkpoint aside
 
 
 def aside_path(target: Path) -> Path:
@@ -146,6 +147,16 @@ def aside_path(target: Path) -> Path:
     The name keeps the suffix, so Lightning's ``ckpt_path="last"`` (``last*.ckpt`` in the checkpoint folder) finds it
     when a kill left only it, and it keeps the stem, so it sorts beside ``target``."""
     return target.with_name(f"{target.stem}.old{target.suffix}")
+
+
+def _discard(path: Path) -> None:
+    """Delete ``path``, first renamed to ``<name>.deleting`` (one rename), so that no partly deleted checkpoint ever
+    carries a checkpoint's name; a ``.deleting`` left by an earlier kill goes too."""
+    trash = path.with_name(path.name + ".deleting")
+    _remove(trash)
+    if path.exists() or path.is_symlink():
+        path.rename(trash)
+        _remove(trash)
 
 
 def _remove(path: Path) -> None:

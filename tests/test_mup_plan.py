@@ -353,7 +353,7 @@ def test_scheduler_rebase_keeps_each_group_proportional(model: Net, plan: MuPPla
     assert [g["name"] for g in optimizer.param_groups] == [
         "decay/vector_like-readout",
         "decay/hidden",
-        "no_decay/vector_like",
+        "no_decay",  # muP leaves it whole: the user's name stays
     ]
     names = {id(p): n for n, p in model.named_parameters()}
     for step in range(6):
@@ -367,6 +367,17 @@ def test_scheduler_rebase_keeps_each_group_proportional(model: Net, plan: MuPPla
         assert scheduler.get_last_lr() == [g["lr"] for g in optimizer.param_groups]
         optimizer.step()
         scheduler.step()
+
+
+def test_an_optimizer_built_from_named_parameters_keeps_each_name_beside_its_parameter(model: Net, plan: MuPPlan):
+    optimizer = torch.optim.AdamW(model.named_parameters(), lr=0.01)
+    assert "param_names" in optimizer.param_groups[0]
+    plan.regroup(optimizer, model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert len(optimizer.param_groups) > 1
+    for group in optimizer.param_groups:
+        assert group["param_names"] == [names[id(p)] for p in group["params"]]
+    assert optimizer.state_dict()["param_groups"][1]["param_names"] == optimizer.param_groups[1]["param_names"]
 
 
 @pytest.mark.parametrize(

@@ -396,11 +396,15 @@ class MuPPlan:
         """One group per distinct (LR factor, WD factor), in order of first appearance, params in their order.
 
         Each is named after the classes of its parameters (``hidden``, ``vector_like-readout``), after ``prefix/``
-        when given, which ``LearningRateMonitor`` uses for its tags (``lr-AdamW/hidden``).
+        when given, which ``LearningRateMonitor`` uses for its tags (``lr-AdamW/hidden``); a group the user named that
+        muP leaves whole keeps its name. ``param_names`` (an optimizer built from ``named_parameters()``) are split
+        with their parameters.
         """
         buckets: dict[tuple[float, float], list[torch.Tensor]] = {}
+        bucket_names: dict[tuple[float, float], list[Any]] = {}
         roles: dict[tuple[float, float], set[Role]] = {}
-        for param in group["params"]:
+        param_names = group.get("param_names")
+        for position, param in enumerate(group["params"]):
             if id(param) not in names:
                 raise ValueError(
                     f"an optimizer parameter of shape {tuple(param.shape)} is not a parameter of the model"
@@ -408,11 +412,15 @@ class MuPPlan:
             spec = self.spec_for(names[id(param)])
             factors = spec.lr_wd_factors(family)
             buckets.setdefault(factors, []).append(param)
+            if param_names is not None:
+                bucket_names.setdefault(factors, []).append(param_names[position])
             roles.setdefault(factors, set()).add(spec.role)
         hyper = {key: value for key, value in group.items() if key != "params"}
         split = []
         for (lr_factor, wd_factor), params in buckets.items():
             new = dict(hyper, params=params, mup_lr_factor=lr_factor, mup_wd_factor=wd_factor, mup_family=family)
+            if param_names is not None:
+                new["param_names"] = bucket_names[lr_factor, wd_factor]
             for key in _GROUP_LR_KEYS:
                 if key in new:
                     new[key] = new[key] * lr_factor
@@ -421,6 +429,8 @@ class MuPPlan:
             label = "-".join(role for role in get_args(Role) if role in roles[lr_factor, wd_factor])
             new["name"] = label if prefix is None else f"{prefix}/{label}"
             split.append(new)
+        if len(split) == 1 and "name" in group:
+            split[0]["name"] = group["name"]
         return split
 
     # ----------------------------------------------------------------------------------------------- init & readout
