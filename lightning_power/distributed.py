@@ -25,6 +25,7 @@ WRAPPER_ATTRIBUTES = frozenset(
 # DistributedDataParallel's (and DataParallel's) attribute: a wrapper only at the root of a name, where DDP sits. Deeper
 # in the path it is a user's own submodule called ``module``, which stays.
 ROOT_WRAPPER_ATTRIBUTES = frozenset({"module"})
+_LEADING_WRAPPER_ATTRIBUTES = WRAPPER_ATTRIBUTES | ROOT_WRAPPER_ATTRIBUTES
 
 
 def logical_param_name(name: str) -> str:
@@ -38,7 +39,7 @@ def logical_param_name(name: str) -> str:
     """
     parts = name.split(".")
     start = 0
-    while start < len(parts) - 1 and parts[start] in WRAPPER_ATTRIBUTES | ROOT_WRAPPER_ATTRIBUTES:
+    while start < len(parts) - 1 and parts[start] in _LEADING_WRAPPER_ATTRIBUTES:
         start += 1
     return ".".join(part for part in parts[start:] if part not in WRAPPER_ATTRIBUTES)
 
@@ -53,7 +54,7 @@ def logical_names(names: Iterable[str]) -> list[str]:
         if short in first:
             raise ValueError(
                 f"parameters {first[short]!r} and {name!r} both have the logical name {short!r} once the wrapper "
-                f"attributes ({', '.join(sorted(WRAPPER_ATTRIBUTES | ROOT_WRAPPER_ATTRIBUTES))}) are removed, so they "
+                f"attributes ({', '.join(sorted(_LEADING_WRAPPER_ATTRIBUTES))}) are removed, so they "
                 "cannot be told apart; rename one of the attributes"
             )
         first[short] = name
@@ -73,10 +74,16 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     return placements is not None and any(p.is_shard() for p in placements)
 
 
+def named_logical_parameters(module: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
+    """``(logical name, raw name, parameter)`` for every distinct parameter of ``module``, in registration order;
+    a ``ValueError`` when two have one logical name (see :func:`logical_names`)."""
+    named = list(module.named_parameters())
+    return [(name, raw, param) for name, (raw, param) in zip(logical_names(raw for raw, _ in named), named)]
+
+
 def named_local_parameters(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(logical name, local shard)`` for every parameter of ``module``, in registration order."""
-    named = list(module.named_parameters())
-    for name, (_, param) in zip(logical_names(raw for raw, _ in named), named):
+    for name, _, param in named_logical_parameters(module):
         yield name, local_tensor(param.detach())
 
 
@@ -122,8 +129,7 @@ def shard_layout(module: nn.Module, root: nn.Module | None = None) -> ShardLayou
     """
     fsdp1_views, groups = _fsdp1_flat_views(root if root is not None else module)
     found: list[tuple[str, nn.Parameter, torch.Size, int, bool]] = []  # name, param, shape, start, sharded
-    named = list(module.named_parameters())
-    for name, (raw_name, param) in zip(logical_names(raw for raw, _ in named), named):
+    for name, raw_name, param in named_logical_parameters(module):
         if name.endswith("_flat_param"):
             raise ValueError(
                 f"parameter {raw_name!r} is an FSDP1 flat parameter; use FSDPStrategy(use_orig_params=True) so that "

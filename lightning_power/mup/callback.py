@@ -203,7 +203,7 @@ class MuP(Callback):
         # unfreeze_and_add_param_group, a user's add_param_group) was never split by muP.
         for optimizer in trainer.optimizers:
             if not all("mup_lr_factor" in group for group in optimizer.param_groups):
-                _check_added_groups(optimizer, pl_module, self.plan, self.optimizer_family)
+                _vet_groups_added_later(optimizer, pl_module, self.plan, self.optimizer_family)
 
     @override
     def on_load_checkpoint(
@@ -295,7 +295,7 @@ def _install_regrouping(pl_module: pl.LightningModule, plan: MuPPlan, family: Op
     setattr(pl_module, "configure_optimizers", _RegroupingConfigureOptimizers(pl_module, current, plan, family))
 
 
-def _check_added_groups(
+def _vet_groups_added_later(
     optimizer: torch.optim.Optimizer, module: nn.Module, plan: MuPPlan | None, family: OptimizerFamily | None
 ) -> None:
     """Refuse param groups added after muP's regrouping that hold parameters muP scales; mark the others as factor 1.

@@ -49,7 +49,7 @@ import torch
 import yaml
 from torch import nn
 
-from lightning_power.distributed import local_tensor, logical_names, logical_param_name
+from lightning_power.distributed import local_tensor, logical_param_name, named_logical_parameters
 from lightning_power.mup.readout import attach_readout_multiplier
 
 Role = Literal["vector_like", "hidden", "readout"]
@@ -646,8 +646,7 @@ def _unique_named_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]
     Two distinct parameters with one logical name (``module.weight`` next to ``weight``) are a ``ValueError``: the plan
     would give both one class, init and LR.
     """
-    named = list(model.named_parameters())
-    return [(name, param) for name, (_, param) in zip(logical_names(raw for raw, _ in named), named)]
+    return [(name, param) for name, _, param in named_logical_parameters(model)]
 
 
 def _names_by_id(model: nn.Module) -> dict[int, str]:
