@@ -248,7 +248,7 @@ class PowerLawFit:
             reference_sequence_length=self.reference_sequence_length,
             batch_exponent=self.batch_exponent,
         )
-        args: dict[str, Any] = {"a": _round(amplitude), "b": _round(self.b), "lr_max": _round(lr_max)}
+        args: dict[str, Any] = {"a": yaml_float(amplitude), "b": yaml_float(self.b), "lr_max": yaml_float(lr_max)}
         if tokens_per_step is not None:
             args["tokens_per_step"] = int(tokens_per_step)
         counter = (
@@ -264,7 +264,7 @@ class PowerLawFit:
         if self.reference_sequence_length != 4096:
             args["reference_sequence_length"] = self.reference_sequence_length
         if self.batch_exponent != 1.0:
-            args["batch_exponent"] = _round(self.batch_exponent)
+            args["batch_exponent"] = yaml_float(self.batch_exponent)
         lines = [
             f"# Power scheduler calibrated on {len(self.cells)} WSD cells: eta_opt = {_law(self.batch_exponent)} with",
             (
@@ -278,10 +278,7 @@ class PowerLawFit:
                 else [f"# a = {amplitude:.4g} (the fit's a x {amplitude / self.a:.3g}), searched with Power runs."]
             ),
             *counter,
-            "optimizer:",
-            "  class_path: torch.optim.AdamW",
-            "  init_args:",
-            f"    lr: {_round(lr_max)}  # = lr_max: the schedule multiplies each group's LR by power_lr(n) / lr_max",
+            *optimizer_yaml(lr_max),
             "lr_scheduler:",
             "  class_path: lightning_power.schedulers.PowerScheduler",
             "  init_args:",
@@ -361,6 +358,22 @@ def _least_squares(design: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, 
 
 def _round(value: float) -> float:
     return float(f"{value:.6g}")
+
+
+def optimizer_yaml(lr_max: float) -> list[str]:
+    """The YAML lines of the AdamW ``optimizer:`` a printed ``PowerScheduler`` needs: its LR is ``lr_max``."""
+    note = "# = lr_max: the schedule multiplies each group's LR by power_lr(n) / lr_max"
+    return ["optimizer:", "  class_path: torch.optim.AdamW", "  init_args:", f"    lr: {yaml_float(lr_max)}  {note}"]
+
+
+def yaml_float(value: float) -> str:
+    """``value`` to 6 significant digits, spelled so that every YAML reader takes it for a number: ``5.0e-05``, not
+    ``5e-05``, which YAML 1.1 readers such as PyYAML's ``safe_load`` take for a string."""
+    text = repr(_round(value))
+    mantissa, exponent_mark, exponent = text.partition("e")
+    if exponent_mark and "." not in mantissa:
+        text = f"{mantissa}.0e{exponent}"
+    return text
 
 
 def _law(batch_exponent: float) -> str:

@@ -119,12 +119,17 @@ class LightningPowerCLI(LightningCLI):
             )
         optimizer_class = parser._optimizers[optimizers[0]][0]
         optimizer_init = _with_class_path(optimizer_class, self._get(self.config_init, optimizers[0]))
-        if not optimizer_init:  # registered automatically, but the config names no optimizer
-            return
         lr_scheduler_init = None
         if lr_schedulers:
             lr_scheduler_class = parser._lr_schedulers[lr_schedulers[0]][0]
             lr_scheduler_init = _with_class_path(lr_scheduler_class, self._get(self.config_init, lr_schedulers[0]))
+        if not optimizer_init:  # registered automatically, but the config names no optimizer
+            if lr_scheduler_init:  # LightningCLI would drop it without a word, leaving the model's own schedule
+                raise ValueError(
+                    f"{lr_schedulers[0]}: is set but {optimizers[0]}: is not; the scheduler is built on the config's "
+                    f"optimizer, so add an {optimizers[0]}: section (e.g. class_path: torch.optim.AdamW with its lr)"
+                )
+            return
         if is_overridden("configure_optimizers", self.model):
             rank_zero_warn(
                 f"`{self.model.__class__.__name__}.configure_optimizers` will be overridden by "

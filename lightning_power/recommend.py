@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from lightning_power.calibrate import optimizer_yaml, yaml_float
 from lightning_power.schedules import power_lr, step_law_batch_tokens, step_law_lr
 
 PAPER_A, PAPER_B, PAPER_LR_MAX = 4.0, -0.51, 0.02  # arXiv 2408.13359, section 4
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.sequence_length <= 0:
         parser.error(f"--sequence-length must be > 0, got {args.sequence_length}")
+    if args.tokens < args.sequence_length:
+        parser.error(f"--tokens must be at least one sequence ({args.sequence_length} tokens), got {args.tokens:g}")
     params, tokens, seq_len = args.params, args.tokens, args.sequence_length
 
     lr_opt = step_law_lr(params, tokens)
@@ -80,12 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     if matched_lr_max > PAPER_LR_MAX:
         print(f"# eta* = {lr_opt:.4g} is above 0.02: the matched lr_max is eta*, held until the decay.")
     print(f"# Train for {math.ceil(tokens / tokens_per_step)} optimizer steps of {tokens_per_step} tokens.")
+    print("\n".join(optimizer_yaml(matched_lr_max)))
     print("lr_scheduler:")
     print("  class_path: lightning_power.PowerScheduler")
     print("  init_args:")
-    print(f"    a: {a:.6g}")
+    print(f"    a: {yaml_float(a)}")
     print(f"    b: {PAPER_B}")
-    print(f"    lr_max: {matched_lr_max:.6g}")
+    print(f"    lr_max: {yaml_float(matched_lr_max)}")
     print(f"    tokens_per_step: {tokens_per_step}")
     print(f"    warmup_tokens: {warmup}")
     print(f"    decay_tokens: {decay}")

@@ -466,3 +466,12 @@ def test_the_table_advises_a_batch_exponent_fit_when_the_sweep_rejects_p(batch_e
     # a law with p fitted, or fixed at a value the sweep accepts, needs no advice
     assert "--batch-exponent fit" not in format_fit(fit_power_law(optima, batch_exponent=None))
     assert "--batch-exponent fit" not in format_fit(fit_power_law(optima, batch_exponent=round(coef[1], 2)))
+
+
+def test_the_yaml_numbers_are_numbers_to_a_yaml_1_1_reader():
+    # PyYAML's safe_load follows YAML 1.1, where 5e-05 (no dot) is a string; the CLI's jsonargparse reads both
+    fit = fit_power_law(cell_optima(synthetic_sweep()))
+    config = yaml.safe_load(fit.scheduler_yaml(lr_max=5e-5, a=2.5e-5))
+    assert config["optimizer"]["init_args"]["lr"] == 5e-5
+    assert config["lr_scheduler"]["init_args"]["lr_max"] == 5e-5
+    assert config["lr_scheduler"]["init_args"]["a"] == 2.5e-5

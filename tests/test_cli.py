@@ -137,6 +137,13 @@ def test_yaml_reduce_lr_on_plateau_steps_at_epoch_end_only_as_in_lightning_cli()
     assert RecordLR.lrs == pytest.approx([0.01] * 8, rel=1e-12)
 
 
+def test_an_lr_scheduler_without_an_optimizer_is_refused_not_dropped():
+    args = ["fit", "--config", DEMO, *tiny_cli_args(max_steps=1), "--trainer.logger=false", "--optimizer=null"]
+    with pytest.raises(ValueError, match=r"lr_scheduler: is set but optimizer: is not"):
+        main([*args, "--lr_scheduler=torch.optim.lr_scheduler.LinearLR"])
+    main(args)  # without either: the model's own configure_optimizers, as in LightningCLI
+
+
 def test_torchs_reduce_lr_on_plateau_is_refused_with_the_class_that_takes_a_monitor():
     args = ["fit", "--config", DEMO, *tiny_cli_args(max_steps=1), "--trainer.logger=false"]
     with pytest.raises(ValueError, match=r"use lightning\.pytorch\.cli\.ReduceLROnPlateau with init_args\.monitor"):

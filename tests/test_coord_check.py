@@ -18,6 +18,8 @@ from lightning_power.demo import GPT
 from lightning_power.mup import MuPPlan
 from lightning_power.mup.coord_check import (
     _failure,
+    _key_values,
+    _load_config,
     _output_tensors,
     _Recorder,
     _slope,
@@ -520,3 +522,15 @@ def test_cli_optimizer_muP_cannot_use_or_build_exits_2(tmp_path: Path, capsys, o
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(tmp_path / "config.yaml"), "--widths", *map(str, WIDTHS), "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_numbers_in_exponent_form_are_read_as_the_cli_reads_them(tmp_path):
+    # YAML 1.1 (PyYAML's safe_load) reads 1e-8 as a string; jsonargparse, behind `lightning-power fit`, as a number
+    config = tmp_path / "config.yaml"
+    config.write_text("optimizer:\n  init_args:\n    eps: 1e-8\n    lr: 3.0e-3\n    betas: [0.9, 0.95]\n")
+    assert _load_config(str(config))["optimizer"]["init_args"] == {"eps": 1e-8, "lr": 3e-3, "betas": [0.9, 0.95]}
+    assert _key_values(["init_std=1e-2", "width=64", "name=1e"], "--model-args") == {
+        "init_std": 0.01,
+        "width": 64,
+        "name": "1e",
+    }

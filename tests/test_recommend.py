@@ -3,10 +3,16 @@
 import pytest
 import torch
 import yaml
+from lightning.pytorch.cli import instantiate_class
 
 from lightning_power.cli import main as cli_main
 from lightning_power.recommend import main
 from lightning_power.schedulers import PowerScheduler
+from tests.helpers.jobs import CONFIGS
+from tests.helpers.tiny import tiny_cli_args
+from tests.test_cli import RecordLR
+
+DEMO = str(CONFIGS / "gpt_demo.yaml")
 
 
 def recommend(capsys, *argv):
@@ -43,13 +49,26 @@ def test_an_optimum_above_the_paper_cap_raises_lr_max_to_it(capsys):
     assert sequences * init_args["a"] * 1e8**-0.51 == pytest.approx(init_args["lr_max"], rel=1e-3)  # law = eta* at D
 
 
-def test_the_printed_yaml_builds_a_scheduler(capsys):
+def test_the_printed_yaml_drives_a_cli_fit(capsys, tmp_path, monkeypatch):
     out = recommend(capsys, "--params", "3e6", "--tokens", "5e7", "--sequence-length", "256")
-    config = yaml.safe_load(out)["lr_scheduler"]
-    assert config["class_path"] == "lightning_power.PowerScheduler"
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.02)
-    scheduler = PowerScheduler(optimizer, **config["init_args"])
+    config = yaml.safe_load(out)
+    assert config["lr_scheduler"]["class_path"] == "lightning_power.PowerScheduler"
+    assert config["optimizer"]["init_args"]["lr"] == config["lr_scheduler"]["init_args"]["lr_max"]
+    (tmp_path / "recommended.yaml").write_text(out)
+    monkeypatch.chdir(tmp_path)
+    cli_main(
+        ["fit", "--config", DEMO, "--config", "recommended.yaml", *tiny_cli_args(max_steps=3), "--trainer.logger=false"]
+        + ["--trainer.callbacks+=tests.test_cli.RecordLR"]
+    )
+    optimizer = instantiate_class([torch.nn.Parameter(torch.zeros(1))], config["optimizer"])
+    scheduler = instantiate_class(optimizer, config["lr_scheduler"])
     assert scheduler.tokens_per_step % 256 == 0  # whole sequences
+    expected = []
+    for _ in range(3):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert RecordLR.lrs == pytest.approx(expected, rel=1e-12)
 
 
 def test_the_cli_dispatches_recommend(capsys):
@@ -65,6 +84,8 @@ def test_the_cli_dispatches_recommend(capsys):
         ["--params", "1e8", "--tokens", "1e9", "--sequence-length", "0"],
         ["--params", "inf", "--tokens", "1e9"],
         ["--params", "1e8", "--tokens", "inf"],
+        ["--params", "1e8", "--tokens", "0.5"],
+        ["--params", "1e8", "--tokens", "4000"],  # under one 4096-token sequence
     ],
 )
 def test_bad_input_exits_with_a_usage_error(argv, capsys):

@@ -49,6 +49,7 @@ import math
 import numbers
 import os
 import platform
+import re
 import sys
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -627,11 +628,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if results[0].passed else 1
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML as the ``lightning-power`` CLI (jsonargparse) reads it: ``1e-8`` and ``3.0e4`` are numbers, where
+    PyYAML's YAML 1.1 rules make them strings (they need a dot and a signed exponent)."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_value(text: Any) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
 def _load_config(path: str | None) -> dict[str, Any]:
     if path is None:
         return {}
     with open(path) as file:
-        config = yaml.safe_load(file) or {}
+        config = _yaml_value(file) or {}
     if not isinstance(config, dict):
         raise ValueError(f"--config {path!r} is not a YAML mapping")
     return config
@@ -690,7 +707,7 @@ def _key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"{flag} takes KEY=VALUE pairs, got {item!r}")
-        pairs[key] = yaml.safe_load(value)
+        pairs[key] = _yaml_value(value)
     return pairs
 
 
