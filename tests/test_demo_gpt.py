@@ -78,6 +78,7 @@ def test_init_std_follows_gpt2_rule():
         ({"n_heads": 2, "head_dim": 32}, "not both"),
         ({"attention_scale": "1/d"}, "attention_scale must be"),
         ({"depth": 0}, "depth must be > 0"),
+        ({"width": 64, "mlp_ratio": 0.005}, r"mlp_ratio \* width must give an MLP of >= 1 unit, got 0.005 \* 64 = 0"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, message):

@@ -127,6 +127,9 @@ class GPT(pl.LightningModule):
         super().__init__()
         heads = _resolve_heads(width, n_heads, head_dim)
         _check_positive(width=width, depth=depth, mlp_ratio=mlp_ratio, init_std=init_std, learning_rate=learning_rate)
+        mlp_hidden = round(mlp_ratio * width)
+        if mlp_hidden < 1:
+            raise ValueError(f"mlp_ratio * width must give an MLP of >= 1 unit, got {mlp_ratio} * {width} = 0")
         if context_length < 2:
             raise ValueError(f"context_length must be >= 2 (one input and one target byte), got {context_length}")
         if attention_scale not in ("1/sqrt(d_head)", "1/d_head"):
@@ -138,7 +141,6 @@ class GPT(pl.LightningModule):
 
         self.token_embedding = nn.Embedding(VOCAB_SIZE, width)
         self.position_embedding = nn.Embedding(context_length, width)
-        mlp_hidden = round(mlp_ratio * width)
         self.blocks = nn.ModuleList(
             Block(width, heads, mlp_hidden, attention_scale, residual_multiplier) for _ in range(depth)
         )
