@@ -1,4 +1,7 @@
+import os
+import shutil
 import sysconfig
+import zlib
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -8,7 +11,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_power.demo import GPT, ByteCorpus
 from lightning_power.demo import data as data_module
-from lightning_power.demo.data import ByteWindows, ResumableShuffleSampler, read_split, stdlib_source_files
+from lightning_power.demo.data import (
+    ByteWindows,
+    ResumableShuffleSampler,
+    read_split,
+    stdlib_source_files,
+    text_files,
+)
 from tests.helpers.tiny import TINY_DATA, TINY_MODEL
 
 
@@ -100,7 +109,8 @@ def test_resume_on_fewer_processes_with_the_same_global_batch_continues_at_the_n
 
 
 def test_a_checkpoint_after_an_epochs_last_batch_resumes_at_the_next_epochs_start():
-    """DataLoader workers read the sampler as soon as the iterator exists, before Lightning sets the next epoch."""
+    """DataLoader workers read the sampler as soon as the iterator exists, before Lightning sets the next epoch. The
+    state is one from before ``epoch_done`` was saved: the whole epoch's length tells that the epoch was done."""
     corpus = ByteCorpus(**{**TINY_DATA, "batch_size": 8})
     corpus.setup("fit")
     batches_per_epoch = len(corpus.train_set) // 8
@@ -238,6 +248,150 @@ def test_a_checkpoint_saved_after_a_step_records_that_steps_batch_as_consumed(tm
         enable_model_summary=False,
         callbacks=[ModelCheckpoint(tmp_path, every_n_train_steps=2, save_top_k=-1)],
     )
-    trainer.fit(GPT(**TINY_MODEL), ByteCorpus(**TINY_DATA))
+    corpus = ByteCorpus(**TINY_DATA)
+    trainer.fit(GPT(**TINY_MODEL), corpus)
     saved = torch.load(tmp_path / "epoch=0-step=2.ckpt", weights_only=False)["ByteCorpus"]
-    assert saved == {"epoch": 0, "batches": 2, "batch_size": 8, "world_size": 1}  # resumes at the 3rd batch
+    train_text = bytes(corpus.train_set.data.tolist())
+    assert saved == {
+        "epoch": 0,
+        "batches": 2,  # resumes at the 3rd batch
+        "epoch_done": False,
+        "batch_size": 8,
+        "data_parallel_size": 1,
+        "seed": 0,
+        "context_length": 16,
+        "train_windows": (len(train_text) - 1) // 16,
+        "train_crc32": zlib.crc32(train_text),
+    }
+
+
+class RecordInputs(pl.Callback):
+    def __init__(self):
+        self.inputs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.inputs.append(batch[0].clone())
+
+
+def _fit(root, corpus, max_steps, checkpoint_every, ckpt_path=None, **trainer_args):
+    """Fit the tiny GPT on ``corpus``, with a checkpoint every ``checkpoint_every`` steps; the inputs of each step."""
+    record = RecordInputs()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record, ModelCheckpoint(root, every_n_train_steps=checkpoint_every, save_top_k=-1)],
+        **trainer_args,
+    )
+    trainer.fit(GPT(**TINY_MODEL), corpus, ckpt_path=ckpt_path)
+    return record.inputs
+
+
+def _epoch_batches(data, epoch):
+    """The batches of ``epoch`` of a one-process ByteCorpus(**data), from the sampler's order."""
+    corpus = ByteCorpus(**data)
+    corpus.setup("fit")
+    sampler = ResumableShuffleSampler(corpus.train_set, num_replicas=1, rank=0, seed=0)
+    sampler.set_epoch(epoch)
+    batches = torch.tensor(list(sampler)).split(data["batch_size"])
+    return [torch.stack([corpus.train_set[i][0] for i in batch]) for batch in batches]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_resume_at_the_end_of_a_limited_epoch_draws_the_next_epochs_order(tmp_path, num_workers):
+    """The epoch ends where ``limit_train_batches`` ends it, not where the sampler's whole epoch would."""
+    data = {**TINY_DATA, "num_workers": num_workers}
+    whole = _fit(tmp_path / "whole", ByteCorpus(**data), 6, 3, limit_train_batches=3)
+    _fit(tmp_path / "cut", ByteCorpus(**data), 3, 3, limit_train_batches=3)
+    checkpoint = tmp_path / "cut" / "epoch=0-step=3.ckpt"
+    resumed = _fit(tmp_path / "cut", ByteCorpus(**data), 6, 3, ckpt_path=checkpoint, limit_train_batches=3)
+    assert len(resumed) == 3 and all(torch.equal(a, b) for a, b in zip(resumed, _epoch_batches(data, epoch=1)))
+    assert all(torch.equal(a, b) for a, b in zip(resumed, whole[3:]))
+
+
+def test_an_epoch_end_checkpoint_resumes_with_another_global_batch_at_the_next_epochs_start(tmp_path):
+    data = {**TINY_DATA, "max_bytes": 700}  # 43 windows: epochs of 5 batches of 8
+    _fit(tmp_path, ByteCorpus(**data), 5, 5)
+    smaller = {**data, "batch_size": 4}
+    resumed = _fit(tmp_path, ByteCorpus(**smaller), 7, 5, ckpt_path=tmp_path / "epoch=0-step=5.ckpt")
+    assert len(resumed) == 2 and all(torch.equal(a, b) for a, b in zip(resumed, _epoch_batches(smaller, epoch=1)))
+
+
+def test_a_binary_file_beside_a_single_text_file_leaves_the_split_by_position(tmp_path):
+    (tmp_path / "input.txt").write_bytes(bytes(range(32, 127)) * 40)
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(100))  # sorts first: it took validation
+    corpus = ByteCorpus(str(tmp_path), context_length=8, batch_size=2, val_every=10)
+    corpus.setup("fit")
+    assert len(corpus.train_set.data) == 95 * 40 - 95 * 4 and len(corpus.val_set.data) == 95 * 4
+
+
+def test_a_corpus_of_binary_files_only_says_so(tmp_path):
+    (tmp_path / "utf16.txt").write_bytes(("some text " * 500).encode("utf-16"))
+    with pytest.raises(ValueError, match=r"holds no text: its 1 file\(s\) all hold NUL bytes .* UTF-16"):
+        ByteCorpus(str(tmp_path), context_length=8, batch_size=2).setup("fit")
+
+
+def test_only_regular_files_and_links_to_them_are_read(tmp_path):
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / name).write_bytes(name[0].encode() * 3000)
+    (tmp_path / "to_a.txt").symlink_to(tmp_path / "a.txt")
+    (tmp_path / "dangling.txt").symlink_to(tmp_path / "gone.txt")
+    os.mkfifo(tmp_path / "pipe")  # reading it would block
+    assert text_files(tmp_path) == [tmp_path / name for name in ("a.txt", "b.txt", "c.txt", "to_a.txt")]
+    assert text_files(tmp_path / "pipe") == []
+    corpus = ByteCorpus(str(tmp_path), context_length=8, batch_size=2, val_every=2)
+    corpus.setup("fit")
+    assert set(corpus.train_set.data.tolist()) == {ord("b"), ord("\n"), ord("a")}  # b.txt and to_a.txt
+
+
+@pytest.fixture(scope="module")
+def saved_mid_epoch(tmp_path_factory):
+    """A book and the ByteCorpus state of a checkpoint written 2 steps into a fit on it."""
+    root = tmp_path_factory.mktemp("book")
+    (root / "book.txt").write_bytes(b"a line of text\n" * 6_000)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(root, every_n_train_steps=2)],
+    )
+    trainer.fit(GPT(**TINY_MODEL), ByteCorpus(str(root / "book.txt"), **BOOK_DATA))
+    return root / "book.txt", torch.load(root / "epoch=0-step=2.ckpt", weights_only=False)["ByteCorpus"]
+
+
+BOOK_DATA = {"context_length": 16, "batch_size": 8, "max_bytes": 50_000}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"seed": 1}, r"data.seed 0 in the checkpoint, 1 now"),
+        ({"context_length": 32}, r"data.context_length 16 in the checkpoint, 32 now"),
+        ({"max_bytes": 20_000}, r"number of training windows 3124 in the checkpoint, 1249 now.* data.max_bytes"),
+        ({"text": b"A line of text\n"}, r"CRC-32 of the training text \d+ in the checkpoint, \d+ now.* the files"),
+    ],
+)
+def test_a_resume_with_another_train_order_is_refused(saved_mid_epoch, tmp_path, change, message):
+    book, saved = saved_mid_epoch
+    other = tmp_path / "book.txt"
+    other.write_bytes(change.pop("text", b"a line of text\n") * 6_000)  # the same size
+    corpus = ByteCorpus(str(other), **{**BOOK_DATA, **change})
+    corpus.setup("fit")
+    corpus.load_state_dict(saved)
+    with pytest.raises(ValueError, match=rf"cannot resume with another train order: {message}"):
+        corpus.train_dataloader()
+
+
+def test_a_resume_on_the_same_text_elsewhere_continues(saved_mid_epoch, tmp_path):
+    book, saved = saved_mid_epoch
+    shutil.copy(book, tmp_path / "moved.txt")
+    corpus = ByteCorpus(str(tmp_path / "moved.txt"), **BOOK_DATA)
+    corpus.setup("fit")
+    corpus.load_state_dict(saved)
+    assert list(corpus.train_dataloader().sampler) == list(ResumableShuffleSampler(corpus.train_set, 1, 0, 0))[16:]

@@ -6,11 +6,25 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 from torch import nn
 
+from lightning_power.demo import ByteCorpus
+from lightning_power.demo.data import ResumableShuffleSampler
 from lightning_power.strategies import FSDPStrategy, replace_path
+from tests.helpers.callbacks import read_batches
 from tests.helpers.jobs import CONFIGS, read_metrics, run_cli
 from tests.helpers.strategies import AdamBoringModel, sharded_fsdp_trainer
 from tests.helpers.tiny import TINY_DATA, tiny_cli_args
 from tests.helpers.versions import cpu_fsdp2
+
+RECORD_BATCHES = ["--trainer.callbacks+=tests.helpers.callbacks.RecordBatches", "--trainer.callbacks.path=batches"]
+
+
+def single_process_batches(steps: int, global_batch: int) -> list[list[list[int]]]:
+    """Each step's global batch of the demo data (TINY_DATA) as one process draws it, rows in order."""
+    corpus = ByteCorpus(**TINY_DATA)
+    corpus.setup("fit")
+    order = list(ResumableShuffleSampler(corpus.train_set, num_replicas=1, rank=0, seed=0))
+    rows = [corpus.train_set[i][0].tolist() for i in order[: steps * global_batch]]
+    return [rows[step * global_batch : (step + 1) * global_batch] for step in range(steps)]
 
 
 @pytest.mark.distributed
@@ -25,6 +39,7 @@ def test_two_process_fit_trains(strategy, tmp_path):
         *tiny_cli_args(max_steps=12),
         "--trainer.devices=2",
         "--optimizer.lr=0.01",
+        *RECORD_BATCHES,
     ]
     run_cli(args, tmp_path)
     metrics = read_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
@@ -32,6 +47,10 @@ def test_two_process_fit_trains(strategy, tmp_path):
     # The optimizer holds the parameters the strategy trains (not stale pre-sharding copies): the loss falls.
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
     assert metrics["val/bpb"][-1][1] < 8.0
+    # Two data-parallel ranks split each step's global batch: together they read what one process would.
+    per_rank = [read_batches(tmp_path / "batches", rank) for rank in (0, 1)]
+    expected = single_process_batches(steps=12, global_batch=2 * TINY_DATA["batch_size"])
+    assert [sorted(a + b) for a, b in zip(*per_rank)] == [sorted(batch) for batch in expected]
 
 
 @pytest.mark.distributed
@@ -49,8 +68,12 @@ def test_tokens_are_summed_over_the_data_parallel_ranks_only(tmp_path):
         "--trainer.strategy.init_args.data_parallel_size=1",
         "--trainer.strategy.init_args.tensor_parallel_size=2",
         "--trainer.callbacks+=lightning_power.TokenCounter",
+        *RECORD_BATCHES,
     ]
     run_cli(args, tmp_path)
+    # Both ranks read the one replica's batches, the same as one process draws them.
+    expected = single_process_batches(steps=3, global_batch=TINY_DATA["batch_size"])
+    assert read_batches(tmp_path / "batches", 0) == read_batches(tmp_path / "batches", 1) == expected
     metrics = read_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
     batch_tokens = TINY_DATA["batch_size"] * TINY_DATA["context_length"]
     assert metrics["tokens/step"] == [(step, batch_tokens) for step in range(3)]

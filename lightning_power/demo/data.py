@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import sysconfig
+import zlib
 from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -41,17 +42,25 @@ def stdlib_source_files() -> list[Path]:
 
 
 def text_files(path: Path) -> list[Path]:
-    """All regular files under ``path`` (or ``path`` itself), sorted; binary files are skipped when read."""
-    if path.is_file():
-        return [path]
+    """All regular files under ``path`` (or ``path`` itself), sorted; links to files count, other links, FIFOs and
+    sockets do not (reading a FIFO would block). Binary files are dropped later, by :func:`is_binary`."""
+    if not path.is_dir():
+        return [path] if path.is_file() else []
     found: list[Path] = []
     for folder, subfolders, names in os.walk(path):
         subfolders[:] = [d for d in subfolders if d not in EXCLUDED_DIRS]  # prune, do not walk site-packages
-        found.extend(Path(folder, name) for name in names)
+        found.extend(file for file in (Path(folder, name) for name in names) if file.is_file())
     return sorted(found)
 
 
+SNIFF_BYTES = 8192  # as git does: a NUL byte in a file's first 8 KiB marks it binary
 WHOLE_FILE_BYTES = 64 << 20  # read_split reads smaller files whole, so a NUL anywhere in them marks them binary
+
+
+def is_binary(file: Path) -> bool:
+    """Whether ``file`` holds a NUL byte in its first ``SNIFF_BYTES``: binary data, or text in UTF-16 or UTF-32."""
+    with file.open("rb") as stream:
+        return b"\x00" in stream.read(SNIFF_BYTES)
 
 
 def read_split(files: list[Path], budget: int, seed: int) -> bytes:
@@ -139,8 +148,9 @@ class ByteCorpus(pl.LightningDataModule):
         batch_size: sequences per batch on each process.
         max_bytes: training bytes to read at start-up (a few MB serve; the whole stdlib is ~30 MB).
         max_val_bytes: validation bytes to read.
-        val_every: every ``val_every``-th file (in sorted order) is held out for validation. A single file is split
-            by position instead: its last ``1/val_every`` is held out.
+        val_every: every ``val_every``-th text file (in sorted order) is held out for validation. A single text file
+            is split by position instead: its last ``1/val_every`` is held out. Binary files (a NUL byte in their first
+            8 KiB) are dropped first.
         seed: seeds the file order and the per-epoch shuffle.
         num_workers: DataLoader worker processes.
     """
@@ -172,6 +182,7 @@ class ByteCorpus(pl.LightningDataModule):
         self.train_set: ByteWindows | None = None
         self.val_set: ByteWindows | None = None
         self._resume: dict[str, int] = {}
+        self._train_crc32 = 0
 
     @property
     def tokens_per_batch(self) -> int:
@@ -182,7 +193,15 @@ class ByteCorpus(pl.LightningDataModule):
         if self.train_set is not None:
             return
         hp = cast("AttributeDict", self.hparams)  # save_hyperparameters made it one
-        files = stdlib_source_files() if self.path is None else text_files(self.path)
+        where = "the Python standard library" if self.path is None else str(self.path)
+        found = stdlib_source_files() if self.path is None else text_files(self.path)
+        files = [file for file in found if not is_binary(file)]
+        if found and not files:
+            raise ValueError(
+                f"path: {where} holds no text: its {len(found)} file(s) all hold NUL bytes in their first "
+                f"{SNIFF_BYTES} bytes, so they were skipped as binary (text in UTF-16 or UTF-32 looks so too); give "
+                "text in UTF-8 or another ASCII-compatible encoding"
+            )
         if len(files) == 1:
             data = read_split(files, hp.max_bytes + hp.max_val_bytes, hp.seed)
             cut = len(data) - min(hp.max_val_bytes, len(data) // hp.val_every)
@@ -191,7 +210,7 @@ class ByteCorpus(pl.LightningDataModule):
             train = read_split([f for i, f in enumerate(files) if i % hp.val_every], hp.max_bytes, hp.seed)
             val = read_split(files[:: hp.val_every], hp.max_val_bytes, hp.seed)
         self.train_set, self.val_set = ByteWindows(train, self.context_length), ByteWindows(val, self.context_length)
-        where = "the Python standard library" if self.path is None else str(self.path)
+        self._train_crc32 = zlib.crc32(train)
         if len(self.train_set) < self.batch_size or len(self.val_set) == 0:
             raise ValueError(
                 f"path: {where} holds too little text ({len(train)} train and {len(val)} validation bytes) for "
@@ -200,14 +219,17 @@ class ByteCorpus(pl.LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
-        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        replicas, rank = self._data_parallel()
         train_set = cast(ByteWindows, self.train_set)  # made by setup(), which Lightning calls first
-        sampler = ResumableShuffleSampler(train_set, world_size, rank, cast("AttributeDict", self.hparams).seed)
+        sampler = ResumableShuffleSampler(train_set, replicas, rank, cast("AttributeDict", self.hparams).seed)
         if self._resume:
-            self._check_resumable(world_size)
+            self._check_same_order()
             epoch, batches = self._resume["epoch"], self._resume["batches"]
-            if batches >= sampler.num_samples // self.batch_size:  # saved after the epoch's last batch: the next one
-                epoch, batches = epoch + 1, 0
+            # Checkpoints before "epoch_done" was saved: the epoch was done when its whole length was consumed.
+            if self._resume.get("epoch_done", batches >= sampler.num_samples // self.batch_size):
+                epoch, batches = epoch + 1, 0  # saved after the epoch's last batch: the next epoch starts afresh
+            else:
+                self._check_same_global_batch(replicas)
             sampler.resume_at(epoch, batches * self.batch_size)
         return self._loader(train_set, sampler)
 
@@ -229,7 +251,8 @@ class ByteCorpus(pl.LightningDataModule):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the train order stands: the epoch and the batches this process has consumed in it."""
+        """Where the train order stands (the epoch, the batches this process has consumed in it, and whether that was
+        all the trainer runs of an epoch), and what determines the order, so that a resume can refuse another one."""
         if self.trainer is None:
             return {}
         # Lightning's batch progress counts processed batches; it declares its tracker as the base class, without them
@@ -237,27 +260,62 @@ class ByteCorpus(pl.LightningDataModule):
         return {
             "epoch": self.trainer.current_epoch,
             "batches": progress.processed,
+            "epoch_done": progress.processed >= self.trainer.num_training_batches,  # limit_train_batches included
             "batch_size": self.batch_size,
-            "world_size": self.trainer.world_size,
+            "data_parallel_size": self._data_parallel()[0],
+            **{key: value for key, (value, _, _) in self._order_settings().items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume = dict(state_dict)
 
-    def _check_resumable(self, world_size: int) -> None:
-        """A checkpoint's data position maps to the same samples when the global batch is unchanged.
+    def _data_parallel(self) -> tuple[int, int]:
+        """(replicas, rank) of data parallelism: the processes that read distinct batches, and this one's index among
+        them. Tensor-parallel peers read the same batch, so under ModelParallelStrategy this is not the world."""
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer else None
+        return (kwargs["num_replicas"], kwargs["rank"]) if kwargs else (1, 0)
 
-        Each step consumes the next ``batch_size * world_size`` samples of the epoch's order, whatever the split
-        across processes, so a job may resume on fewer processes with a larger per-process batch (or the reverse).
+    def _order_settings(self) -> dict[str, tuple[int, str, str]]:
+        """What fixes the samples of the train order: saved key -> (value, its name, the settings that keep it)."""
+        if self.train_set is None:
+            return {}
+        seed = cast("AttributeDict", self.hparams).seed
+        text = "data.path, data.max_bytes, data.max_val_bytes, data.val_every and the files"
+        return {
+            "seed": (seed, "data.seed", "data.seed"),
+            "context_length": (self.context_length, "data.context_length", "data.context_length"),
+            "train_windows": (len(self.train_set), "number of training windows", f"data.context_length, {text}"),
+            "train_crc32": (self._train_crc32, "CRC-32 of the training text", text),
+        }
+
+    def _check_same_order(self) -> None:
+        """A checkpoint's data position means the same samples only with the same seed, windows and text."""
+        for key, (value, name, keep) in self._order_settings().items():
+            saved = self._resume.get(key)  # checkpoints from before these keys were saved have none
+            if saved is not None and saved != value:
+                raise ValueError(
+                    f"ByteCorpus cannot resume with another train order: {name} {saved} in the checkpoint, {value} "
+                    f"now. The checkpoint's position (epoch {self._resume['epoch']}, {self._resume['batches']} "
+                    f"batches in) would map to other samples. Keep {keep} unchanged, or start a new run from the "
+                    "checkpoint's weights"
+                )
+
+    def _check_same_global_batch(self, replicas: int) -> None:
+        """A checkpoint's mid-epoch position maps to the same samples when the global batch is unchanged.
+
+        Each step consumes the next ``batch_size * replicas`` samples of the epoch's order, whatever the split across
+        data-parallel processes, so a job may resume on fewer processes with a larger per-process batch (or the
+        reverse).
         """
-        saved_batch, saved_world = self._resume.get("batch_size"), self._resume.get("world_size")
-        if saved_batch is None or saved_world is None:
+        saved_batch = self._resume.get("batch_size")
+        saved_replicas = self._resume.get("data_parallel_size", self._resume.get("world_size"))  # older: world_size
+        if saved_batch is None or saved_replicas is None:
             return
-        if saved_batch * saved_world != self.batch_size * world_size:
+        if saved_batch * saved_replicas != self.batch_size * replicas:
             raise ValueError(
                 f"ByteCorpus cannot resume mid-epoch with a changed global batch (batch_size x processes): "
-                f"{saved_batch} x {saved_world} -> {self.batch_size} x {world_size}. The checkpoint's position "
-                f"(epoch {self._resume['epoch']}, {self._resume['batches']} batches in) would map to other samples. "
-                "Keep data.batch_size x trainer.devices x trainer.num_nodes, or start a new run from the checkpoint's "
-                "weights"
+                f"{saved_batch} x {saved_replicas} -> {self.batch_size} x {replicas}, counting data-parallel "
+                f"processes only. The checkpoint's position (epoch {self._resume['epoch']}, {self._resume['batches']} "
+                "batches in) would map to other samples. Keep data.batch_size x trainer.devices x trainer.num_nodes "
+                "(divided by a tensor_parallel_size), or start a new run from the checkpoint's weights"
             )

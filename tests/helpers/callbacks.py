@@ -65,6 +65,22 @@ class RecordSteps(pl.Callback):
             self.path.with_suffix(".sparsity.json").write_text(json.dumps(monitor.history))
 
 
+class RecordBatches(pl.Callback):
+    """Every rank appends each training batch's inputs, as one JSON list of rows, to ``<path>.rank<global rank>``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        with open(f"{self.path}.rank{trainer.global_rank}", "a") as f:
+            f.write(json.dumps(batch[0].tolist()) + "\n")
+
+
+def read_batches(path: Path, rank: int) -> list[list[list[int]]]:
+    """The batches :class:`RecordBatches` wrote on ``rank``, in order."""
+    return [json.loads(line) for line in Path(f"{path}.rank{rank}").read_text().splitlines()]
+
+
 def _find(trainer: pl.Trainer, kind: type) -> pl.Callback | None:
     return next((callback for callback in trainer.callbacks if isinstance(callback, kind)), None)
 
