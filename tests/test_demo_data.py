@@ -238,16 +238,21 @@ def test_setup_reads_the_corpus_once(tmp_path):
     assert b"other" not in bytes(corpus.train_set.data.tolist()) + bytes(corpus.val_set.data.tolist())
 
 
-def test_a_checkpoint_saved_after_a_step_records_that_steps_batch_as_consumed(tmp_path):
-    trainer = pl.Trainer(
+def checkpointing_trainer(checkpoint: ModelCheckpoint) -> pl.Trainer:
+    """3 CPU steps without validation or logs, checkpointed by ``checkpoint``."""
+    return pl.Trainer(
         accelerator="cpu",
         max_steps=3,
         limit_val_batches=0,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[ModelCheckpoint(tmp_path, every_n_train_steps=2, save_top_k=-1)],
+        callbacks=[checkpoint],
     )
+
+
+def test_a_checkpoint_saved_after_a_step_records_that_steps_batch_as_consumed(tmp_path):
+    trainer = checkpointing_trainer(ModelCheckpoint(tmp_path, every_n_train_steps=2, save_top_k=-1))
     corpus = ByteCorpus(**TINY_DATA)
     trainer.fit(GPT(**TINY_MODEL), corpus)
     saved = torch.load(tmp_path / "epoch=0-step=2.ckpt", weights_only=False)["ByteCorpus"]
@@ -352,15 +357,7 @@ def saved_mid_epoch(tmp_path_factory):
     """A book and the ByteCorpus state of a checkpoint written 2 steps into a fit on it."""
     root = tmp_path_factory.mktemp("book")
     (root / "book.txt").write_bytes(b"a line of text\n" * 6_000)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[ModelCheckpoint(root, every_n_train_steps=2)],
-    )
+    trainer = checkpointing_trainer(ModelCheckpoint(root, every_n_train_steps=2))
     trainer.fit(GPT(**TINY_MODEL), ByteCorpus(str(root / "book.txt"), **BOOK_DATA))
     return root / "book.txt", torch.load(root / "epoch=0-step=2.ckpt", weights_only=False)["ByteCorpus"]
 
