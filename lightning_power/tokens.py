@@ -206,11 +206,15 @@ class TokenCounter(Callback):
                 # The window closed at this batch and nothing trained: a None batch (Lightning runs no optimizer step
                 # and the next window zeroes the gradients it accumulated), or training_step returned None throughout.
                 # Lightning stepped the step-interval schedulers all the same (before this hook).
-                self._local_tokens, self._local_batches = 0, 0
-                for scheduler in self._schedulers:
-                    scheduler.uncount_last_step()
+                self._take_back_untrained_step()
         self._open_batch_tokens = None
         self._reported_this_batch = False
+
+    def _take_back_untrained_step(self) -> None:
+        """Drop the open window and count Lightning's scheduler step of this batch as no step: nothing trained."""
+        self._local_tokens, self._local_batches = 0, 0
+        for scheduler in self._schedulers:
+            scheduler.uncount_last_step()
 
     def _drop_open_batch(self) -> None:
         """Take the batch counted in ``on_train_batch_start`` out of the window: it trained nothing."""
@@ -227,9 +231,7 @@ class TokenCounter(Callback):
         if pl_module.automatic_optimization:
             # Lightning still stepped every step-interval scheduler once, and zeroes the gradients of an accumulation
             # window the skip cut short when the next epoch starts: neither that step nor the window trained.
-            self._local_tokens, self._local_batches = 0, 0
-            for scheduler in self._schedulers:
-                scheduler.uncount_last_step()
+            self._take_back_untrained_step()
         else:  # the module steps its optimizers itself: only the skipped batch is dropped
             self._drop_open_batch()
         self._open_batch_tokens = None

@@ -23,7 +23,7 @@ from lightning_power.mup.plan import (
     OptimizerFamily,
     _shared_names,
     _unique_named_parameters,
-    detect_optimizer_family,
+    resolve_optimizer_family,
 )
 
 TABLE_FILENAME = "mup_params.csv"
@@ -304,11 +304,9 @@ def _vet_groups_added_later(
     would train at the base LR instead of ``lr / m``.
     """
     assert plan is not None
+    # The rules the regrouped groups follow: those groups recorded them (the new group has none to record)
     recorded = {group["mup_family"] for group in optimizer.param_groups if "mup_family" in group}
-    if family is not None:
-        rules = family
-    else:
-        rules = next(iter(recorded)) if len(recorded) == 1 else detect_optimizer_family(optimizer)
+    rules = resolve_optimizer_family(optimizer, family, recorded)
     names = {id(p): name for name, p in _unique_named_parameters(module)}
 
     def unscaled(param: torch.Tensor) -> bool:

@@ -352,14 +352,7 @@ class MuPPlan:
         optimizer, for ``LearningRateMonitor``'s tags.
         """
         recorded = {group.get("mup_family") for group in optimizer.param_groups}
-        if family is not None:
-            family = _check_family(family)
-        elif len(recorded) == 1 and None not in recorded:  # every group built by param_groups for one family
-            family = cast(OptimizerFamily, next(iter(recorded)))  # the one family that param_groups recorded
-            with contextlib.suppress(UnknownOptimizerFamily):  # a class muP does not know: trust the groups
-                family = detect_optimizer_family(optimizer)
-        else:
-            family = detect_optimizer_family(optimizer)
+        family = resolve_optimizer_family(optimizer, family, recorded)
         other = sorted({group.get("mup_family", family) for group in optimizer.param_groups} - {family})
         if other:
             raise ValueError(
@@ -585,6 +578,21 @@ def _unique_group_names(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
             taken.append(name)
         seen.add(name)
     return groups
+
+
+def resolve_optimizer_family(
+    optimizer: torch.optim.Optimizer, family: str | None, recorded: set[Any]
+) -> OptimizerFamily:
+    """The muP rules ``optimizer`` follows: ``family`` when given, else its class's (:func:`detect_optimizer_family`),
+    else, for a class muP does not know, the one family its groups ``recorded`` (``mup_family``; ``None`` for a group
+    without one)."""
+    if family is not None:
+        return _check_family(family)
+    if len(recorded) == 1 and None not in recorded:  # every group built by param_groups for one family
+        with contextlib.suppress(UnknownOptimizerFamily):  # a class muP does not know: trust the groups
+            return detect_optimizer_family(optimizer)
+        return cast(OptimizerFamily, next(iter(recorded)))
+    return detect_optimizer_family(optimizer)
 
 
 def _check_family(family: str) -> OptimizerFamily:
