@@ -356,10 +356,6 @@ def _least_squares(design: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, 
     return coef, variance * np.linalg.inv(design.T @ design), math.sqrt(variance)
 
 
-def _round(value: float) -> float:
-    return float(f"{value:.6g}")
-
-
 def optimizer_yaml(lr_max: float) -> list[str]:
     """The YAML lines of the AdamW ``optimizer:`` a printed ``PowerScheduler`` needs: its LR is ``lr_max``."""
     note = "# = lr_max: the schedule multiplies each group's LR by power_lr(n) / lr_max"
@@ -369,7 +365,7 @@ def optimizer_yaml(lr_max: float) -> list[str]:
 def yaml_float(value: float) -> str:
     """``value`` to 6 significant digits, spelled so that every YAML reader takes it for a number: ``5.0e-05``, not
     ``5e-05``, which YAML 1.1 readers such as PyYAML's ``safe_load`` take for a string."""
-    text = repr(_round(value))
+    text = repr(float(f"{value:.6g}"))
     mantissa, exponent_mark, exponent = text.partition("e")
     if exponent_mark and "." not in mantissa:
         text = f"{mantissa}.0e{exponent}"
